@@ -1,0 +1,97 @@
+"""The one compaction config model: server flags, JSON config files and per-request overrides all go through it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_VAR = "VLLM_COMPACT_CONFIG"
+
+MethodName = Literal["am-highest-attention", "am-omp", "snapkv", "h2o", "recent", "none"]
+QuerySource = Literal["after", "context", "context-causal", "repeat"]
+
+
+class CompactionConfig(BaseModel):
+    """Settings of KV compaction. Defaults work out of the box for the default model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = Field(False, description="Compact the KV cache of running requests.")
+    method: MethodName = Field("am-highest-attention", description="Compaction method.")
+    ratio: float = Field(10.0, ge=1.0, le=1000.0, description="Target compaction ratio (original / compact tokens).")
+    trigger_tokens: int = Field(
+        1024, ge=1, description="Compact once a request's uncompacted tail (outside the protected window) reaches this many tokens."
+    )
+    protected_initial_tokens: int = Field(
+        4, ge=0, description="Leading tokens (attention sinks, template) that are never compacted."
+    )
+    recent_window_tokens: int = Field(
+        256, ge=0, description="Most recent tokens that are never compacted; their queries are the reference queries."
+    )
+    query_source: QuerySource = Field("after", description="Reference queries used to fit the compact segment.")
+    max_reference_queries: int = Field(
+        4096, ge=1, description="Per KV head cap of reference queries kept per request (bounded reservoir)."
+    )
+    value_ridge: float = Field(1e-3, ge=0.0, description="Relative ridge of the value least-squares fit.")
+    head_budget_file: str | None = Field(None, description="JSON table of per-head budget proportions (uniform if unset).")
+    memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
+    recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
+
+    @model_validator(mode="after")
+    def _check_budget_file(self) -> "CompactionConfig":
+        if self.head_budget_file is not None and not Path(self.head_budget_file).is_file():
+            raise ValueError(f"head_budget_file {self.head_budget_file!r} does not exist")
+        return self
+
+    def narrowed(self, overrides: dict) -> "CompactionConfig":
+        """Per-request overrides may only make compaction stricter or turn it off (never looser than the server)."""
+        allowed = {"enabled", "ratio", "method"}
+        unknown = set(overrides) - allowed
+        if unknown:
+            raise ValueError(f"unknown compaction field(s) {sorted(unknown)}; allowed per request: {sorted(allowed)}")
+        merged = self.model_copy(update={})
+        data = merged.model_dump()
+        data.update(overrides)
+        candidate = CompactionConfig.model_validate(data)
+        if candidate.enabled and not self.enabled:
+            raise ValueError("compaction is disabled on this server; a request cannot enable it")
+        if candidate.ratio < self.ratio:
+            raise ValueError(f"ratio {candidate.ratio} is looser than the server's {self.ratio}; ask for >= {self.ratio}")
+        return candidate
+
+    def to_env(self) -> str:
+        return self.model_dump_json()
+
+
+def load_config(source: str | None, **overrides) -> CompactionConfig:
+    """Build a config from a JSON string or a path to a JSON file, then apply flag overrides (None = unset)."""
+    data: dict = {}
+    if source:
+        text = Path(source).read_text() if not source.lstrip().startswith("{") and Path(source).is_file() else source
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--kv-compaction-config is neither a JSON object nor a readable JSON file: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError("--kv-compaction-config must be a JSON object")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return CompactionConfig.model_validate(data)
+
+
+def config_from_env() -> CompactionConfig | None:
+    raw = os.environ.get(ENV_VAR)
+    if not raw:
+        return None
+    return CompactionConfig.model_validate_json(raw)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"invalid compaction setting {field}={e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
