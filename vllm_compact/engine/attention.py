@@ -1,0 +1,217 @@
+"""CPU attention backend with compaction: stock kernel for plain requests, tail + compact segment for the others.
+
+Requests without a compact segment go through vLLM's own CPU kernel untouched (when no request in the batch is
+compacted, the stock metadata and forward are used as they are). A compacted request's attention is the exact
+log-sum-exp merge of (a) causal attention over its uncompacted tail (protected head pages + pages after the
+segment) and (b) bias-aware attention over its compact segment. Queries of every request are captured into its
+reservoir as they pass: they are the reference queries of later compactions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_compact.engine.layout import compact_page_view, stock_block_layout
+from vllm_compact.engine.state import CompactSegment, worker_state
+from vllm_compact.kernels import compact_attention, merge_attention
+
+
+@dataclass
+class CompactedRequestView:
+    req_id: str
+    query_start: int
+    query_len: int
+    tail_block_ids: torch.Tensor  # [n] int64: protected head pages, then the pages after the segment
+    tail_len: int                 # physical tokens in those pages, this step's tokens included
+    segment: CompactSegment
+
+
+@dataclass
+class CompactionAttentionInfo:
+    req_ids: list[str]                   # per batch row
+    query_start_loc: list[int]           # per batch row, plus the end
+    compacted: list[CompactedRequestView]
+    plain_token_index: torch.Tensor | None = None   # tokens of plain requests (when some are compacted)
+    plain_metadata: CPUAttentionMetadata | None = None
+
+
+@dataclass
+class CompactionCPUAttentionMetadata(CPUAttentionMetadata):
+    compaction: CompactionAttentionInfo | None = None
+
+
+class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        meta = CompactionCPUAttentionMetadata(**{f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)})
+        state = worker_state()
+        num_reqs = common_attn_metadata.num_reqs
+        if state is None or state.input_batch is None or self.is_encoder_only_attention:
+            return meta
+        req_ids = list(state.input_batch.req_ids[:num_reqs])
+        if len(req_ids) != num_reqs or any(r is None for r in req_ids):
+            return meta  # a dummy/profiling batch
+        qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
+        info = CompactionAttentionInfo(req_ids=req_ids, query_start_loc=qsl, compacted=[])
+        seq_lens = common_attn_metadata.seq_lens[:num_reqs].tolist()
+        block_table = common_attn_metadata.block_table_tensor
+        plain_rows = []
+        for row, req_id in enumerate(req_ids):
+            segment = state.segments.get(req_id)
+            if segment is None:
+                plain_rows.append(row)
+                continue
+            seq_len = seq_lens[row]
+            num_blocks = -(-seq_len // self.block_size)
+            row_blocks = block_table[row]
+            tail_ids = torch.cat([row_blocks[: segment.start_block], row_blocks[segment.end_block : num_blocks]])
+            compacted_tokens = (segment.end_block - segment.start_block) * self.block_size
+            info.compacted.append(
+                CompactedRequestView(
+                    req_id=req_id,
+                    query_start=qsl[row],
+                    query_len=qsl[row + 1] - qsl[row],
+                    tail_block_ids=tail_ids.long(),
+                    tail_len=seq_len - compacted_tokens,
+                    segment=segment,
+                )
+            )
+        if info.compacted and plain_rows:
+            info.plain_token_index, info.plain_metadata = self._plain_subset(meta, plain_rows, qsl, seq_lens)
+        meta.compaction = info
+        return meta
+
+    def _plain_subset(self, meta, rows, qsl, seq_lens):
+        """Stock metadata for the plain requests alone, and where their tokens sit in the batch."""
+        token_index = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rows])
+        query_lens = torch.tensor([qsl[r + 1] - qsl[r] for r in rows], dtype=torch.int32)
+        query_start_loc = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        query_start_loc[1:] = torch.cumsum(query_lens, 0)
+        sub_seq_lens = torch.tensor([seq_lens[r] for r in rows], dtype=torch.int32)
+        scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(rows),
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            seq_lens=sub_seq_lens,
+            dtype=self.dtype,
+            query_start_loc=query_start_loc,
+            causal=meta.causal,
+            sliding_window_size=self.window_size,
+            isa=self.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=None,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        plain = CPUAttentionMetadata(
+            num_actual_tokens=int(token_index.numel()),
+            max_query_len=int(query_lens.max()),
+            query_start_loc=query_start_loc,
+            max_seq_len=int(sub_seq_lens.max()),
+            seq_lens=sub_seq_lens,
+            block_table=meta.block_table[rows],
+            slot_mapping=meta.slot_mapping,
+            scheduler_metadata=scheduler_metadata,
+            causal=meta.causal,
+        )
+        return token_index, plain
+
+
+def tail_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of a request's last `nq` tokens over its physical tail, with log-sum-exp.
+
+    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens.
+    """
+    nq, num_heads, dim = query.shape
+    num_kv_heads, tail_len, _ = keys.shape
+    group = num_heads // num_kv_heads
+    q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
+    logits = torch.matmul(q, keys.float().transpose(1, 2).unsqueeze(1)) * scale  # [Hkv, G, nq, t]
+    visible_until = torch.arange(tail_len - nq, tail_len).view(nq, 1)
+    mask = torch.arange(tail_len).view(1, tail_len) > visible_until
+    logits = logits.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G, nq]
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float().unsqueeze(1))  # [Hkv, G, nq, D]
+    out = out.permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
+    lse = lse.permute(2, 0, 1).reshape(nq, num_heads)
+    return out, lse
+
+
+class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
+    _layer_index: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        info = getattr(attn_metadata, "compaction", None)
+        if info is None:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if self._layer_index is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+        self._capture_queries(info, query)
+        if not info.compacted:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
+        if info.plain_metadata is not None:
+            index = info.plain_token_index
+            plain_out = torch.empty((index.numel(), self.num_heads, self.head_size), dtype=output.dtype)
+            super().forward(layer, query[index], None, None, kv_cache, info.plain_metadata, plain_out)
+            out[index] = plain_out
+        layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
+        pages = compact_page_view(kv_cache)
+        for view in info.compacted:
+            rows = slice(view.query_start, view.query_start + view.query_len)
+            out[rows] = self._compacted_attention(query[rows], kv_cache, pages, layout, view).to(output.dtype)
+        return output
+
+    def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
+        state = worker_state()
+        qsl = info.query_start_loc
+        for row, req_id in enumerate(info.req_ids):
+            reservoir = state.reservoir(req_id, self.num_heads, self.head_size, query.dtype)
+            reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
+
+    def _compacted_attention(self, query, kv_cache, pages, layout, view: CompactedRequestView) -> torch.Tensor:
+        keys, values = layout.read(kv_cache, view.tail_block_ids)
+        keys, values = keys[:, : view.tail_len], values[:, : view.tail_len]
+        tail_out, tail_lse = tail_attention(query, keys, values, self.scale)
+        seg = view.segment
+        layer = self._layer_index
+        seg_out, seg_lse = compact_attention(
+            query,
+            pages,
+            seg.beta[layer],
+            seg.page_ids.view(1, -1),
+            torch.zeros(1, dtype=torch.int64),
+            seg.head_start[layer].view(1, -1),
+            seg.head_len[layer].view(1, -1),
+            torch.zeros(query.shape[0], dtype=torch.int32),
+            self.scale,
+        )
+        merged, _ = merge_attention(tail_out, tail_lse, seg_out.float(), seg_lse)
+        return merged
+
+
+class CompactionCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return CompactionCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return CompactionCPUAttentionMetadataBuilder

@@ -1,0 +1,61 @@
+"""Per-(layer, KV head) budgets of a compact segment, and the pages they occupy in the packed layout."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+Budgets = tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads]
+
+
+def load_head_table(path: str, num_layers: int, num_kv_heads: int) -> torch.Tensor:
+    """A JSON file {"proportions": [[p per KV head] per layer]} (any positive scale; normalised here)."""
+    data = json.loads(Path(path).read_text())
+    table = torch.tensor(data["proportions"], dtype=torch.float64)
+    if table.shape != (num_layers, num_kv_heads):
+        raise ValueError(
+            f"head budget table {path} has shape {tuple(table.shape)}, the model needs ({num_layers}, {num_kv_heads})"
+        )
+    if not bool((table >= 0).all()) or float(table.sum()) <= 0:
+        raise ValueError(f"head budget table {path} must hold non-negative proportions with a positive sum")
+    return table / table.sum()
+
+
+class HeadBudgetPolicy:
+    """Turns a span length and the target ratio into per-head entry counts (uniform, or a per-head table)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, ratio: float, table_path: str | None = None) -> None:
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.ratio = ratio
+        self.table = load_head_table(table_path, num_layers, num_kv_heads) if table_path else None
+
+    def budgets(self, span_tokens: int, new_tokens: int, old_lens: Budgets | None) -> Budgets:
+        """Entries per head for a segment standing for `span_tokens` logical tokens.
+
+        A head can keep at most the keys it is given: its old compact entries plus the new tokens.
+        """
+        shape = (self.num_layers, self.num_kv_heads)
+        available = torch.full(shape, new_tokens, dtype=torch.int64)
+        if old_lens is not None:
+            available += torch.tensor(old_lens, dtype=torch.int64)
+        per_head = max(1, round(span_tokens / self.ratio))
+        if self.table is None:
+            budgets = torch.full(shape, per_head, dtype=torch.int64)
+        else:
+            from vllm_compact.am.budgets import proportional_budgets
+
+            total = per_head * self.num_layers * self.num_kv_heads
+            budgets = proportional_budgets(
+                self.table.flatten().float(), available.flatten(), total
+            ).view(shape)
+        budgets = torch.minimum(budgets.clamp(min=1), available)
+        return tuple(tuple(int(x) for x in row) for row in budgets.tolist())
+
+    def pages_needed(self, budgets: Budgets, block_size: int) -> int:
+        """Heads of a layer are packed back to back; the fullest layer decides the page count."""
+        lanes = block_size * self.num_kv_heads
+        return max(math.ceil(sum(layer) / lanes) for layer in budgets)

@@ -1,0 +1,177 @@
+"""Executes a step's compaction plans on the worker: one batched AM call for every (request, layer, KV head)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm_compact.am import HeadBatch, compact_heads
+from vllm_compact.engine.layout import StockBlockLayout, compact_page_view
+from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.engine.state import CompactSegment, WorkerCompactionState
+
+logger = logging.getLogger("vllm_compact.compactor")
+
+# If the requested method raises, the plan is redone with plain eviction, which needs no solve.
+FALLBACK_METHODS = ("snapkv", "recent")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_kv_heads: int
+    num_q_heads: int
+    head_dim: int
+    block_size: int
+    scales: tuple[float, ...]  # per layer softmax scale
+
+
+@dataclass
+class _HeadInput:
+    keys: torch.Tensor     # [T, D]
+    values: torch.Tensor   # [T, D]
+    bias: torch.Tensor     # [T] fp32 (existing beta of old compact entries, 0 for new tokens)
+    queries: torch.Tensor  # [N, D]
+    budget: int
+    scale: float
+
+
+def read_segment_head(
+    segment: CompactSegment, pages: torch.Tensor, layer: int, head: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values and beta of one head of a compact segment from its layer's page view [nb, lanes, 2, D]."""
+    lanes = pages.shape[1]
+    start = int(segment.head_start[layer, head])
+    length = int(segment.head_len[layer, head])
+    flat = torch.arange(start, start + length)
+    page_rows = segment.page_ids.long()[flat // lanes]
+    entries = pages[page_rows, flat % lanes]  # [len, 2, D]
+    beta = segment.beta[layer][start : start + length]
+    return entries[:, 0], entries[:, 1], beta
+
+
+class SegmentCompactor:
+    def __init__(self, state: WorkerCompactionState, layout: StockBlockLayout, geometry: ModelGeometry) -> None:
+        self.state = state
+        self.layout = layout
+        self.geo = geometry
+
+    # ---- gather -----------------------------------------------------------------------------------------------
+
+    def _head_inputs(self, plan: RequestCompactionPlan) -> list[_HeadInput]:
+        geo = self.geo
+        old = self.state.segments.get(plan.req_id) if plan.prev_end_block > plan.start_block else None
+        reservoir = self.state.reservoirs.get(plan.req_id)
+        source = torch.tensor(plan.source_block_ids, dtype=torch.int64)
+        group = geo.num_q_heads // geo.num_kv_heads
+        inputs = []
+        for layer in range(geo.num_layers):
+            cache = self.state.layer_caches[layer]
+            new_keys, new_values = self.layout.read(cache, source)  # [Hkv, n*bs, D]
+            if reservoir is not None:
+                q = reservoir.queries(layer)  # [n, Hq, D]
+                q = q.view(q.shape[0], geo.num_kv_heads, group, geo.head_dim).permute(1, 0, 2, 3)
+                q = q.reshape(geo.num_kv_heads, -1, geo.head_dim)
+            else:
+                q = new_keys.new_zeros(geo.num_kv_heads, 0, geo.head_dim)
+            pages = compact_page_view(cache)
+            for head in range(geo.num_kv_heads):
+                keys, values = new_keys[head], new_values[head]
+                bias = torch.zeros(keys.shape[0], dtype=torch.float32)
+                if old is not None:
+                    old_k, old_v, old_b = read_segment_head(old, pages, layer, head)
+                    keys, values = torch.cat([old_k, keys]), torch.cat([old_v, values])
+                    bias = torch.cat([old_b, bias])
+                inputs.append(
+                    _HeadInput(keys, values, bias, q[head], plan.head_budgets[layer][head], geo.scales[layer])
+                )
+        return inputs
+
+    @staticmethod
+    def _batch(inputs: list[_HeadInput]) -> HeadBatch:
+        num_heads = len(inputs)
+        max_t = max(x.keys.shape[0] for x in inputs)
+        max_n = max(1, max(x.queries.shape[0] for x in inputs))
+        dim = inputs[0].keys.shape[1]
+        dtype = inputs[0].keys.dtype
+        keys = torch.zeros(num_heads, max_t, dim, dtype=dtype)
+        values = torch.zeros_like(keys)
+        bias = torch.zeros(num_heads, max_t, dtype=torch.float32)
+        queries = torch.zeros(num_heads, max_n, dim, dtype=dtype)
+        for i, x in enumerate(inputs):
+            t, n = x.keys.shape[0], x.queries.shape[0]
+            keys[i, :t], values[i, :t], bias[i, :t] = x.keys, x.values, x.bias
+            queries[i, :n] = x.queries
+        has_bias = any(bool(x.bias.any()) for x in inputs)
+        return HeadBatch(
+            keys=keys,
+            values=values,
+            queries=queries,
+            scale=torch.tensor([x.scale for x in inputs], dtype=torch.float32),
+            budget=torch.tensor([x.budget for x in inputs], dtype=torch.int64),
+            key_len=torch.tensor([x.keys.shape[0] for x in inputs], dtype=torch.int64),
+            query_len=torch.tensor([x.queries.shape[0] for x in inputs], dtype=torch.int64),
+            key_bias=bias if has_bias else None,
+        )
+
+    # ---- solve ------------------------------------------------------------------------------------------------
+
+    def _solve(self, batch: HeadBatch, method: str):
+        methods = (method,) + tuple(m for m in FALLBACK_METHODS if m != method)
+        for i, name in enumerate(methods):
+            if name != "recent" and int(batch.query_len.min()) == 0:
+                continue  # no reference queries for some head: only position-based eviction applies
+            try:
+                result = compact_heads(batch, name)
+                if i > 0:
+                    self.state.stats.failures += 1
+                return result
+            except Exception:  # noqa: BLE001 - contained: the request goes on with a cheaper method
+                logger.exception("vllm-compact: compaction with %s failed; falling back", name)
+        raise RuntimeError("every compaction method failed")
+
+    # ---- write ------------------------------------------------------------------------------------------------
+
+    def _write(self, plan: RequestCompactionPlan, result, first_head: int) -> CompactSegment:
+        geo = self.geo
+        dest = torch.tensor(plan.dest_block_ids, dtype=torch.int32)
+        head_start = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.int32)
+        head_len = torch.zeros_like(head_start)
+        betas = []
+        for layer in range(geo.num_layers):
+            pages = compact_page_view(self.state.layer_caches[layer])
+            lanes = pages.shape[1]
+            rows = range(first_head + layer * geo.num_kv_heads, first_head + (layer + 1) * geo.num_kv_heads)
+            lengths = [int(result.length[r]) for r in rows]
+            keys = torch.cat([result.keys[r, :n] for r, n in zip(rows, lengths)])
+            values = torch.cat([result.values[r, :n] for r, n in zip(rows, lengths)])
+            beta = torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)])
+            flat = torch.arange(keys.shape[0])
+            page_rows = dest.long()[flat // lanes]
+            pages[page_rows, flat % lanes, 0] = keys.to(pages.dtype)
+            pages[page_rows, flat % lanes, 1] = values.to(pages.dtype)
+            lens = torch.tensor(lengths, dtype=torch.int32)
+            head_len[layer] = lens
+            head_start[layer] = torch.cumsum(lens, 0, dtype=torch.int32) - lens
+            betas.append(beta.contiguous())
+        return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
+
+    def execute(self, step: CompactionStep) -> None:
+        plans = [p for p in step.plans]
+        if not plans:
+            return
+        started = time.perf_counter()
+        inputs: list[_HeadInput] = []
+        for plan in plans:
+            inputs.extend(self._head_inputs(plan))
+        batch = self._batch(inputs)
+        result = self._solve(batch, plans[0].method)
+        heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
+        for i, plan in enumerate(plans):
+            self.state.segments[plan.req_id] = self._write(plan, result, i * heads_per_plan)
+        self.state.stats.compactions += len(plans)
+        self.state.stats.heads_fell_back += int(result.fell_back.sum())
+        self.state.stats.seconds.append(time.perf_counter() - started)

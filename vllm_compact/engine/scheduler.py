@@ -1,0 +1,190 @@
+"""Scheduler side of compaction: decide which requests shrink, move their pages, attach plans to the step.
+
+Planning happens BEFORE vLLM schedules the step, so pages freed by compaction are available to this very step
+(this is how memory pressure turns into compaction instead of preemption). Only pages that were full before the
+step are compacted, and the worker executes the plans before the step writes any KV (synchronous scheduling).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
+
+from vllm_compact.config import CompactionConfig, config_from_env
+from vllm_compact.engine.budgets import HeadBudgetPolicy
+from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.engine.stats import SchedulerCompactionStats
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class RequestCompactState:
+    """What the scheduler knows of one request's compact segment."""
+
+    start_block: int
+    end_block: int
+    page_ids: list[int]
+    head_budgets: tuple[tuple[int, ...], ...]
+    compactions: int = 1
+
+
+@dataclass
+class _Candidate:
+    request: Request
+    start_block: int
+    prev_end_block: int
+    end_block: int
+    state: RequestCompactState | None = field(default=None)
+
+
+class CompactionScheduler(Scheduler):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = config_from_env()
+        self.compaction_config: CompactionConfig = config or CompactionConfig(enabled=False)
+        groups = self.kv_cache_config.kv_cache_groups
+        self.compaction_active = self.compaction_config.enabled and len(groups) == 1
+        if self.compaction_config.enabled and len(groups) != 1:
+            logger.warning("vllm-compact: %d KV cache groups (hybrid model); compaction disabled", len(groups))
+        if self.scheduler_config.async_scheduling and self.compaction_active:
+            # Freed source pages could be rewritten while an in-flight step still reads them.
+            logger.warning("vllm-compact: async scheduling is not supported with compaction; compaction disabled")
+            self.compaction_active = False
+        self.compact_states: dict[str, RequestCompactState] = {}
+        self.compaction_stats = SchedulerCompactionStats()
+        self._pending_plans: list[RequestCompactionPlan] = []
+        if self.compaction_active:
+            model_config = self.vllm_config.model_config
+            parallel = self.vllm_config.parallel_config
+            self.budget_policy = HeadBudgetPolicy(
+                num_layers=model_config.get_num_layers(parallel),
+                num_kv_heads=model_config.get_num_kv_heads(parallel),
+                ratio=self.compaction_config.ratio,
+                table_path=self.compaction_config.head_budget_file,
+            )
+            logger.info("vllm-compact: compaction active: %s", self.compaction_config.model_dump_json())
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+
+    def schedule(self, *args, **kwargs):
+        plans: list[RequestCompactionPlan] = []
+        if self.compaction_active:
+            plans = self._plan_compactions()
+        output = super().schedule(*args, **kwargs)
+        if plans:
+            # A request preempted while scheduling this step has dropped its compaction state and pages already.
+            plans = [p for p in plans if p.req_id in self.compact_states]
+        output.kv_compaction = CompactionStep(plans=plans) if plans else None
+        return output
+
+    # ---- planning ---------------------------------------------------------------------------------------------
+
+    @property
+    def _block_pool(self):
+        return self.kv_cache_manager.block_pool
+
+    def _req_blocks(self, req_id: str) -> list:
+        return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[req_id]
+
+    def _candidate(self, request: Request, under_pressure: bool) -> _Candidate | None:
+        cfg = self.compaction_config
+        bs = self.block_size
+        computed = request.num_computed_tokens  # before this step: those pages are full and stable
+        head_blocks = math.ceil(cfg.protected_initial_tokens / bs)
+        end_block = (computed - cfg.recent_window_tokens) // bs
+        state = self.compact_states.get(request.request_id)
+        prev_end = state.end_block if state else head_blocks
+        new_blocks = end_block - prev_end
+        if new_blocks <= 0:
+            return None
+        if state is not None and not cfg.recompact:
+            return None
+        if not under_pressure and new_blocks * bs < cfg.trigger_tokens:
+            return None
+        return _Candidate(request, head_blocks, prev_end, end_block, state)
+
+    def _memory_pressure(self) -> bool:
+        # Pages this step may need: one per running request (decode) plus one prefill budget's worth.
+        need = len(self.running) + math.ceil(self.scheduler_config.max_num_batched_tokens / self.block_size)
+        return self._block_pool.get_num_free_blocks() < need
+
+    def _plan_compactions(self) -> list[RequestCompactionPlan]:
+        under_pressure = self.compaction_config.memory_pressure and self._memory_pressure()
+        running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        candidates = [c for r in running if (c := self._candidate(r, under_pressure)) is not None]
+        # Largest gain first when memory is short.
+        candidates.sort(key=lambda c: c.end_block - c.prev_end_block, reverse=True)
+        plans = []
+        for cand in candidates:
+            plan = self._plan_one(cand)
+            if plan is not None:
+                plans.append(plan)
+        if under_pressure:
+            self.compaction_stats.pressure_steps += 1
+        return plans
+
+    def _plan_one(self, cand: _Candidate) -> RequestCompactionPlan | None:
+        bs = self.block_size
+        req_id = cand.request.request_id
+        blocks = self._req_blocks(req_id)
+        old_lens = cand.state.head_budgets if cand.state else None
+        span_tokens = (cand.end_block - cand.start_block) * bs
+        new_tokens = (cand.end_block - cand.prev_end_block) * bs
+        budgets = self.budget_policy.budgets(span_tokens, new_tokens, old_lens)
+        pages_needed = self.budget_policy.pages_needed(budgets, bs)
+        old_pages = cand.state.page_ids if cand.state else []
+        freed = new_tokens // bs + len(old_pages) - pages_needed
+        if freed <= 0 or pages_needed > self._block_pool.get_num_free_blocks():
+            return None
+        # Destination pages first, so they can never alias a source page the worker still has to read.
+        dest = self._block_pool.get_new_blocks(pages_needed)
+        source = blocks[cand.prev_end_block : cand.end_block]
+        null_block = self._block_pool.null_block
+        for i in range(cand.prev_end_block, cand.end_block):
+            blocks[i] = null_block
+        old_page_blocks = [self._block_pool.blocks[i] for i in old_pages]
+        self._block_pool.free_blocks(source + old_page_blocks)
+        plan = RequestCompactionPlan(
+            req_id=req_id,
+            start_block=cand.start_block,
+            prev_end_block=cand.prev_end_block,
+            end_block=cand.end_block,
+            source_block_ids=tuple(b.block_id for b in source),
+            dest_block_ids=tuple(b.block_id for b in dest),
+            head_budgets=budgets,
+            method=self.compaction_config.method,
+        )
+        self.compact_states[req_id] = RequestCompactState(
+            start_block=cand.start_block,
+            end_block=cand.end_block,
+            page_ids=[b.block_id for b in dest],
+            head_budgets=budgets,
+            compactions=(cand.state.compactions + 1) if cand.state else 1,
+        )
+        self.compaction_stats.record_plan(new_tokens, freed)
+        return plan
+
+    # ---- release ----------------------------------------------------------------------------------------------
+
+    def _free_request_blocks(self, request: Request):
+        state = self.compact_states.pop(request.request_id, None)
+        if state is not None:
+            self._block_pool.free_blocks([self._block_pool.blocks[i] for i in state.page_ids])
+        super()._free_request_blocks(request)
+
+    # ---- accounting -------------------------------------------------------------------------------------------
+
+    def physical_tokens(self, request: Request) -> int:
+        """Tokens' worth of KV pages the request holds now (compact pages counted whole)."""
+        state = self.compact_states.get(request.request_id)
+        if state is None:
+            return request.num_computed_tokens
+        compacted = (state.end_block - state.start_block) * self.block_size
+        return request.num_computed_tokens - compacted + len(state.page_ids) * self.block_size

@@ -1,0 +1,63 @@
+"""Worker and model runner with compaction: execute the step's plans, then run the step as stock vLLM does."""
+
+from __future__ import annotations
+
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from vllm_compact.config import CompactionConfig, config_from_env
+from vllm_compact.engine.compactor import ModelGeometry, SegmentCompactor
+from vllm_compact.engine.layout import stock_block_layout
+from vllm_compact.engine.state import init_worker_state, worker_state
+
+
+class CompactionCPUModelRunner(CPUModelRunner):
+    """Adds compaction to the stock CPU model runner (installed by class swap: see CompactionCPUWorker)."""
+
+    _compactor: SegmentCompactor | None = None
+
+    def _bind_compaction(self) -> SegmentCompactor:
+        state = worker_state()
+        layers = self.compilation_config.static_forward_context
+        attn = sorted(
+            ((extract_layer_index(name), layer) for name, layer in layers.items() if hasattr(layer, "kv_cache")),
+            key=lambda item: item[0],
+        )
+        state.num_layers = len(attn)
+        state.layer_caches = [layer.kv_cache for _, layer in attn]
+        state.input_batch = self.input_batch
+        first = attn[0][1]
+        cache = state.layer_caches[0]
+        geometry = ModelGeometry(
+            num_layers=len(attn),
+            num_kv_heads=cache.shape[1],
+            num_q_heads=first.num_heads,
+            head_dim=first.head_size,
+            block_size=cache.shape[2],
+            scales=tuple(float(layer.impl.scale) for _, layer in attn),
+        )
+        layout = stock_block_layout(cache.shape[1], cache.shape[2], first.head_size, cache.dtype, first.isa)
+        return SegmentCompactor(state, layout, geometry)
+
+    def execute_model(self, scheduler_output, intermediate_tensors=None):
+        state = worker_state()
+        if state is not None and self.kv_caches:
+            if self._compactor is None:
+                self._compactor = self._bind_compaction()
+            state.drop(scheduler_output.finished_req_ids)
+            state.drop(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            step = getattr(scheduler_output, "kv_compaction", None)
+            if step is not None:
+                self._compactor.execute(step)
+        return super().execute_model(scheduler_output, intermediate_tensors)
+
+
+class CompactionCPUWorker(CPUWorker):
+    def init_device(self):
+        super().init_device()
+        config = config_from_env() or CompactionConfig(enabled=False)
+        if config.enabled and type(self.model_runner) is CPUModelRunner:
+            init_worker_state(config)
+            # The runner is built inside init_device; swapping its class keeps its state and adds our methods.
+            self.model_runner.__class__ = CompactionCPUModelRunner
