@@ -1,0 +1,139 @@
+"""Runs one vLLM engine scenario in its own process and saves what the tests compare (torch.save).
+
+Usage: python engine_runner.py SCENARIO.json OUT.pt
+The scenario JSON: {"model": path, "compaction": {...} | null, "engine": {...LLM kwargs}, "requests": [{"id",
+"prompt_token_ids", "max_tokens", "logprobs", "prompt_logprobs", "abort_after_steps"}], "max_steps": int}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from vllm_compact.vllm_compat import patch_vllm_version  # noqa: E402
+
+patch_vllm_version()
+
+
+def fetch_segments(worker, req_ids):
+    """Runs in the worker: the compact entries of each request, per layer, per KV head."""
+    from vllm_compact.engine.compactor import read_segment_head
+    from vllm_compact.engine.layout import compact_page_view
+    from vllm_compact.engine.state import worker_state
+
+    state = worker_state()
+    out = {}
+    for req_id in req_ids:
+        seg = state.segments.get(req_id)
+        if seg is None:
+            continue
+        layers = []
+        for layer, cache in enumerate(state.layer_caches):
+            pages = compact_page_view(cache)
+            layers.append([tuple(t.clone() for t in read_segment_head(seg, pages, layer, h))
+                           for h in range(seg.head_len.shape[1])])
+        out[req_id] = {"start_block": seg.start_block, "end_block": seg.end_block, "layers": layers}
+    return out
+
+
+def worker_stats(worker):
+    from vllm_compact.engine.state import worker_state
+
+    state = worker_state()
+    return None if state is None else {**state.stats.as_dict(), "segments": len(state.segments),
+                                       "reservoirs": len(state.reservoirs)}
+
+
+def main() -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    scenario = json.load(open(sys.argv[1]))
+    engine_kwargs = dict(dtype="float32", enforce_eager=True, seed=0, **scenario.get("engine", {}))
+    if scenario.get("compaction") is not None:
+        from vllm_compact.config import CompactionConfig
+        from vllm_compact.engine.settings import engine_kwargs as compaction_kwargs
+
+        engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **scenario["compaction"]), **engine_kwargs)
+    llm = LLM(model=scenario["model"], **engine_kwargs)
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    free_initial = pool.get_num_free_blocks()
+
+    requests = {r["id"]: r for r in scenario["requests"]}
+    for r in scenario["requests"]:
+        params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], logprobs=r.get("logprobs"),
+                                prompt_logprobs=r.get("prompt_logprobs"), ignore_eos=True)
+        engine.add_request(r["id"], {"prompt_token_ids": r["prompt_token_ids"]}, params)
+
+    def internal_id(external: str) -> str | None:
+        return next((k for k in scheduler.requests if k == external or k.startswith(external + "-")), None)
+
+    results = {rid: {"events": [], "output": None} for rid in requests}
+    peak_running = 0
+    step = 0
+    while engine.has_unfinished_requests() and step < scenario.get("max_steps", 10_000):
+        computed_before = {}
+        compactions_before = {}
+        for rid in requests:
+            iid = internal_id(rid)
+            if iid is not None:
+                computed_before[rid] = scheduler.requests[iid].num_computed_tokens
+                st = getattr(scheduler, "compact_states", {}).get(iid)
+                compactions_before[rid] = st.compactions if st else 0
+        outputs = engine.step()
+        step += 1
+        peak_running = max(peak_running, len(scheduler.running))
+        changed = {}
+        for rid in requests:
+            iid = internal_id(rid)
+            st = getattr(scheduler, "compact_states", {}).get(iid) if iid else None
+            if st is not None and st.compactions != compactions_before.get(rid, 0):
+                changed[iid] = rid
+        if changed:
+            segs = llm.collective_rpc(fetch_segments, args=(list(changed),))[0]
+            for iid, rid in changed.items():
+                results[rid]["events"].append({"step": step, "computed_before": computed_before[rid], **segs[iid]})
+        for out in outputs:
+            if out.finished:
+                results[out.request_id]["output"] = out
+        for rid, r in requests.items():
+            if r.get("abort_after_steps") == step:
+                engine.abort_request([rid])
+
+    final = {}
+    for rid, res in results.items():
+        out = res["output"]
+        if out is None:
+            final[rid] = {"events": res["events"], "aborted": True}
+            continue
+        comp = out.outputs[0]
+        final[rid] = {
+            "events": res["events"],
+            "prompt_token_ids": list(out.prompt_token_ids),
+            "token_ids": list(comp.token_ids),
+            "logprobs": [{t: lp.logprob for t, lp in d.items()} for d in (comp.logprobs or [])],
+            "prompt_logprobs": [None if d is None else {t: lp.logprob for t, lp in d.items()}
+                                for d in (out.prompt_logprobs or [])],
+        }
+    stats = {
+        "free_initial": free_initial,
+        "free_final": pool.get_num_free_blocks(),
+        "num_blocks": pool.num_gpu_blocks,
+        "peak_running": peak_running,
+        "steps": step,
+        "scheduler": getattr(scheduler, "compaction_stats", None) and scheduler.compaction_stats.as_dict(),
+        "worker": llm.collective_rpc(worker_stats)[0],
+        "block_size": scheduler.block_size,
+    }
+    torch.save({"requests": final, "stats": stats}, sys.argv[2])
+
+
+if __name__ == "__main__":
+    main()
