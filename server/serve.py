@@ -1,54 +1,28 @@
 """`vllm-compact serve MODEL [vllm serve flags] [--kv-compaction ...]`: vLLM's OpenAI server with compaction.
 
-Our flags are validated by the one pydantic config model BEFORE vLLM loads anything: a bad value exits with code 2
-and a message naming the field, the value and what is allowed.
+Our flags are validated by the one pydantic config model BEFORE vLLM is imported or loads anything: a bad value
+exits with code 2 and a message naming the flag, the value and what is allowed. Everything else is `vllm serve`:
+the same parser, the same dispatch (single or multiple API servers, headless, gRPC).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 
-from pydantic import ValidationError
+from vllm_compact.config import CompactionConfig
+from vllm_compact.engine.stats_file import STATS_PATH_ENV
+from vllm_compact.server.flags import (
+    CompactionFlagError,
+    add_compaction_args,
+    check_compaction_argv,
+    compaction_config_from_args,
+)
 
-from vllm_compact.config import CompactionConfig, format_validation_error, load_config
-
-# flag -> config field; every flag is optional and overrides --kv-compaction-config.
-COMPACTION_FLAGS: dict[str, str] = {
-    "--kv-compaction-ratio": "ratio",
-    "--kv-compaction-trigger": "trigger_tokens",
-    "--kv-compaction-recent-window": "recent_window_tokens",
-    "--kv-compaction-protected-initial": "protected_initial_tokens",
-    "--kv-compaction-method": "method",
-    "--kv-compaction-query-source": "query_source",
-    "--kv-compaction-head-budgets": "head_budget_file",
-}
-
-
-def add_compaction_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "KV compaction (vllm-compact)",
-        "Attention Matching compaction of running requests' KV caches. Off unless --kv-compaction is given.",
-    )
-    group.add_argument("--kv-compaction", action="store_true", default=False, help="Enable KV compaction.")
-    group.add_argument(
-        "--kv-compaction-config",
-        default=None,
-        help="Compaction settings as a JSON object or a path to a JSON file; individual flags below override it.",
-    )
-    fields = CompactionConfig.model_fields
-    for flag, field in COMPACTION_FLAGS.items():
-        info = fields[field]
-        group.add_argument(flag, dest=f"kvc_{field}", default=None, help=f"{info.description} (default: {info.default})")
-
-
-def compaction_config_from_args(args: argparse.Namespace) -> CompactionConfig:
-    overrides = {field: getattr(args, f"kvc_{field}") for field in COMPACTION_FLAGS.values()}
-    any_flag = any(v is not None for v in overrides.values()) or args.kv_compaction_config
-    if any_flag and not args.kv_compaction:
-        raise ValueError("--kv-compaction-* settings were given without --kv-compaction")
-    return load_config(args.kv_compaction_config, enabled=args.kv_compaction or None, **overrides)
+MIDDLEWARE = "vllm_compact.server.compaction_api.CompactionMiddleware"
 
 
 def resolve_model(model: str | None) -> str | None:
@@ -62,45 +36,71 @@ def resolve_model(model: str | None) -> str | None:
     return model
 
 
-def main(argv: list[str]) -> int:
-    from vllm_compact.vllm_compat import patch_vllm_version
-
-    patch_vllm_version()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import uvloop
-    from vllm.entrypoints.launchers.api_server.entry import run_server
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+def _build_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(
         prog="vllm-compact serve",
         description="vLLM's OpenAI-compatible server with Attention Matching KV compaction. "
-        "MODEL is a path, a Hugging Face folder, or one of `vllm-compact models list`.",
+        "MODEL is a path, a Hugging Face folder, or one of `vllm-compact models list`. "
+        "Every `vllm serve` flag works here.",
     )
     parser = make_arg_parser(parser)
     add_compaction_args(parser)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def install_http_extensions(args: argparse.Namespace) -> str:
+    """Per-request validation, /v1/compaction/*, usage.kv_compaction and the Prometheus collector, through vLLM's
+    own --middleware option; the stats file the scheduler writes gets a fresh private folder. Returns the folder."""
+    stats_dir = tempfile.mkdtemp(prefix="vllm-compact-stats-")
+    os.environ[STATS_PATH_ENV] = os.path.join(stats_dir, "stats.json")
+    args.middleware = [*(args.middleware or []), MIDDLEWARE]
+    return stats_dir
+
+
+def _fail(message: str) -> int:
+    print(f"vllm-compact serve: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str]) -> int:
     try:
-        config = compaction_config_from_args(args)
-    except ValidationError as e:
-        print(f"vllm-compact serve: {format_validation_error(e)}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"vllm-compact serve: {e}", file=sys.stderr)
-        return 2
+        check_compaction_argv(argv)  # fast: before importing vLLM
+    except CompactionFlagError as e:
+        return _fail(str(e))
+
+    from vllm_compact.vllm_compat import patch_vllm_version
+
+    patch_vllm_version()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _build_parser().parse_args(argv)
+    try:
+        # Again on the parsed flags: vLLM's parser may have added some (e.g. from a --config YAML file).
+        config: CompactionConfig = compaction_config_from_args(args)
+    except CompactionFlagError as e:
+        return _fail(str(e))
 
     if args.model_tag is not None:
         args.model_tag = resolve_model(args.model_tag)
         args.model = args.model_tag
+    stats_dir = None
     if config.enabled:
         from vllm_compact.engine.settings import apply_to_serve_args
 
         apply_to_serve_args(args, config)
+        stats_dir = install_http_extensions(args)
+
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     cli_env_setup()
     validate_parsed_serve_args(args)
-    uvloop.run(run_server(args))
+    try:
+        ServeSubcommand.cmd(args)
+    finally:
+        if stats_dir is not None:
+            shutil.rmtree(stats_dir, ignore_errors=True)
     return 0

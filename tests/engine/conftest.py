@@ -15,6 +15,7 @@ RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
 def run_scenario(scenario: dict, tmp_path: Path, timeout: int = 600) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "scenario.json"
     out = tmp_path / "result.pt"
     spec.write_text(json.dumps(scenario))

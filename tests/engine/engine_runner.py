@@ -77,6 +77,10 @@ def main() -> None:
 
     results = {rid: {"events": [], "output": None} for rid in requests}
     peak_running = 0
+    peak_used_blocks = 0
+    preemptions: dict[str, int] = {}
+    max_physical: dict[str, int] = {}
+    max_logical: dict[str, int] = {}
     step = 0
     while engine.has_unfinished_requests() and step < scenario.get("max_steps", 10_000):
         computed_before = {}
@@ -90,6 +94,16 @@ def main() -> None:
         outputs = engine.step()
         step += 1
         peak_running = max(peak_running, len(scheduler.running))
+        peak_used_blocks = max(peak_used_blocks, free_initial - pool.get_num_free_blocks())
+        for rid in requests:
+            iid = internal_id(rid)
+            if iid is None:
+                continue
+            req = scheduler.requests[iid]
+            preemptions[rid] = max(preemptions.get(rid, 0), req.num_preemptions)
+            physical = scheduler.physical_tokens(req) if hasattr(scheduler, "physical_tokens") else req.num_computed_tokens
+            max_physical[rid] = max(max_physical.get(rid, 0), physical)
+            max_logical[rid] = max(max_logical.get(rid, 0), req.num_computed_tokens)
         changed = {}
         for rid in requests:
             iid = internal_id(rid)
@@ -127,6 +141,10 @@ def main() -> None:
         "free_final": pool.get_num_free_blocks(),
         "num_blocks": pool.num_gpu_blocks,
         "peak_running": peak_running,
+        "peak_used_blocks": peak_used_blocks,
+        "preemptions": preemptions,
+        "max_physical": max_physical,
+        "max_logical": max_logical,
         "steps": step,
         "scheduler": getattr(scheduler, "compaction_stats", None) and scheduler.compaction_stats.as_dict(),
         "worker": llm.collective_rpc(worker_stats)[0],

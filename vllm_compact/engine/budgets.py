@@ -33,7 +33,9 @@ class HeadBudgetPolicy:
         self.ratio = ratio
         self.table = load_head_table(table_path, num_layers, num_kv_heads) if table_path else None
 
-    def budgets(self, span_tokens: int, new_tokens: int, old_lens: Budgets | None) -> Budgets:
+    def budgets(
+        self, span_tokens: int, new_tokens: int, old_lens: Budgets | None, ratio: float | None = None
+    ) -> Budgets:
         """Entries per head for a segment standing for `span_tokens` logical tokens.
 
         A head can keep at most the keys it is given: its old compact entries plus the new tokens.
@@ -42,7 +44,7 @@ class HeadBudgetPolicy:
         available = torch.full(shape, new_tokens, dtype=torch.int64)
         if old_lens is not None:
             available += torch.tensor(old_lens, dtype=torch.int64)
-        per_head = max(1, round(span_tokens / self.ratio))
+        per_head = max(1, round(span_tokens / (ratio or self.ratio)))
         if self.table is None:
             budgets = torch.full(shape, per_head, dtype=torch.int64)
         else:

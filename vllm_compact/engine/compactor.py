@@ -160,15 +160,19 @@ class SegmentCompactor:
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
 
     def execute(self, step: CompactionStep) -> None:
-        plans = [p for p in step.plans]
-        if not plans:
-            return
+        by_method: dict[str, list[RequestCompactionPlan]] = {}
+        for plan in step.plans:
+            by_method.setdefault(plan.method, []).append(plan)
+        for method, plans in by_method.items():
+            self._execute_batch(method, plans)
+
+    def _execute_batch(self, method: str, plans: list[RequestCompactionPlan]) -> None:
+        """Every (request, layer, KV head) of these plans in one call of the AM core."""
         started = time.perf_counter()
         inputs: list[_HeadInput] = []
         for plan in plans:
             inputs.extend(self._head_inputs(plan))
-        batch = self._batch(inputs)
-        result = self._solve(batch, plans[0].method)
+        result = self._solve(self._batch(inputs), method)
         heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
         for i, plan in enumerate(plans):
             self.state.segments[plan.req_id] = self._write(plan, result, i * heads_per_plan)

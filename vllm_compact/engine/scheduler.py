@@ -19,7 +19,10 @@ from vllm.v1.request import Request, RequestStatus
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.budgets import HeadBudgetPolicy
 from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.engine.request_overrides import request_config
+from vllm_compact.engine.state import worker_state
 from vllm_compact.engine.stats import SchedulerCompactionStats
+from vllm_compact.engine.stats_file import StatsFileWriter, seconds_histogram
 
 logger = init_logger(__name__)
 
@@ -41,6 +44,7 @@ class _Candidate:
     start_block: int
     prev_end_block: int
     end_block: int
+    config: CompactionConfig
     state: RequestCompactState | None = field(default=None)
 
 
@@ -59,7 +63,8 @@ class CompactionScheduler(Scheduler):
             self.compaction_active = False
         self.compact_states: dict[str, RequestCompactState] = {}
         self.compaction_stats = SchedulerCompactionStats()
-        self._pending_plans: list[RequestCompactionPlan] = []
+        self._request_configs: dict[str, CompactionConfig] = {}
+        self.stats_writer = StatsFileWriter.from_env() if self.compaction_active else None
         if self.compaction_active:
             model_config = self.vllm_config.model_config
             parallel = self.vllm_config.parallel_config
@@ -82,6 +87,8 @@ class CompactionScheduler(Scheduler):
             # A request preempted while scheduling this step has dropped its compaction state and pages already.
             plans = [p for p in plans if p.req_id in self.compact_states]
         output.kv_compaction = CompactionStep(plans=plans) if plans else None
+        if self.stats_writer is not None:
+            self._export_stats(force=bool(plans))
         return output
 
     # ---- planning ---------------------------------------------------------------------------------------------
@@ -93,8 +100,23 @@ class CompactionScheduler(Scheduler):
     def _req_blocks(self, req_id: str) -> list:
         return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[req_id]
 
+    def _request_config(self, request: Request) -> CompactionConfig:
+        """The server's settings narrowed by the request's `kv_compaction_*` extra args (validated by the API)."""
+        cfg = self._request_configs.get(request.request_id)
+        if cfg is None:
+            extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+            try:
+                cfg = request_config(self.compaction_config, extra)
+            except ValueError as e:
+                logger.warning("vllm-compact: request %s: %s; using the server settings", request.request_id, e)
+                cfg = self.compaction_config
+            self._request_configs[request.request_id] = cfg
+        return cfg
+
     def _candidate(self, request: Request, under_pressure: bool) -> _Candidate | None:
-        cfg = self.compaction_config
+        cfg = self._request_config(request)
+        if not cfg.enabled:
+            return None
         bs = self.block_size
         computed = request.num_computed_tokens  # before this step: those pages are full and stable
         head_blocks = math.ceil(cfg.protected_initial_tokens / bs)
@@ -108,7 +130,7 @@ class CompactionScheduler(Scheduler):
             return None
         if not under_pressure and new_blocks * bs < cfg.trigger_tokens:
             return None
-        return _Candidate(request, head_blocks, prev_end, end_block, state)
+        return _Candidate(request, head_blocks, prev_end, end_block, cfg, state)
 
     def _memory_pressure(self) -> bool:
         # Pages this step may need: one per running request (decode) plus one prefill budget's worth.
@@ -137,7 +159,7 @@ class CompactionScheduler(Scheduler):
         old_lens = cand.state.head_budgets if cand.state else None
         span_tokens = (cand.end_block - cand.start_block) * bs
         new_tokens = (cand.end_block - cand.prev_end_block) * bs
-        budgets = self.budget_policy.budgets(span_tokens, new_tokens, old_lens)
+        budgets = self.budget_policy.budgets(span_tokens, new_tokens, old_lens, ratio=cand.config.ratio)
         pages_needed = self.budget_policy.pages_needed(budgets, bs)
         old_pages = cand.state.page_ids if cand.state else []
         freed = new_tokens // bs + len(old_pages) - pages_needed
@@ -159,7 +181,7 @@ class CompactionScheduler(Scheduler):
             source_block_ids=tuple(b.block_id for b in source),
             dest_block_ids=tuple(b.block_id for b in dest),
             head_budgets=budgets,
-            method=self.compaction_config.method,
+            method=cand.config.method,
         )
         self.compact_states[req_id] = RequestCompactState(
             start_block=cand.start_block,
@@ -174,6 +196,13 @@ class CompactionScheduler(Scheduler):
     # ---- release ----------------------------------------------------------------------------------------------
 
     def _free_request_blocks(self, request: Request):
+        if self.stats_writer is not None:
+            if request.is_finished():
+                self.stats_writer.finish_request(request.request_id, *self._lengths(request))
+            else:
+                self.stats_writer.forget_request(request.request_id)
+        if request.is_finished():
+            self._request_configs.pop(request.request_id, None)
         state = self.compact_states.pop(request.request_id, None)
         if state is not None:
             self._block_pool.free_blocks([self._block_pool.blocks[i] for i in state.page_ids])
@@ -188,3 +217,31 @@ class CompactionScheduler(Scheduler):
             return request.num_computed_tokens
         compacted = (state.end_block - state.start_block) * self.block_size
         return request.num_computed_tokens - compacted + len(state.page_ids) * self.block_size
+
+    def _lengths(self, request: Request) -> tuple[int, int, int]:
+        state = self.compact_states.get(request.request_id)
+        return request.num_computed_tokens, self.physical_tokens(request), state.compactions if state else 0
+
+    def _export_stats(self, force: bool) -> None:
+        for request in self.running:
+            self.stats_writer.track_request(request.request_id, *self._lengths(request))
+        self.stats_writer.maybe_write(self._stats_snapshot, force=force)
+
+    def _stats_snapshot(self) -> dict:
+        wstate = worker_state()  # the CPU worker runs in this (engine-core) process
+        wstats = wstate.stats if wstate is not None else None
+        logical = sum(r.num_computed_tokens for r in self.running)
+        physical = sum(self.physical_tokens(r) for r in self.running)
+        return {
+            "config": self.compaction_config.model_dump(),
+            "scheduler": self.compaction_stats.as_dict(),
+            "worker": {
+                "compactions": wstats.compactions if wstats else 0,
+                "failures": wstats.failures if wstats else 0,
+                "heads_fell_back": wstats.heads_fell_back if wstats else 0,
+                "seconds_total": sum(wstats.seconds) if wstats else 0.0,
+                "seconds_hist": seconds_histogram(wstats.seconds if wstats else []),
+                "reservoir_bytes": wstats.reservoir_bytes if wstats else 0,
+            },
+            "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": len(self.running)},
+        }

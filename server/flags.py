@@ -1,0 +1,155 @@
+"""The `--kv-compaction*` flags of `vllm-compact serve`: definition, fast validation, readable errors.
+
+Validation needs only pydantic, so `check_compaction_argv` runs before vLLM is even imported (importing vLLM's
+argument parser alone takes many seconds): a bad value exits at once with code 2 and a message that names the
+flag (or config-file field), the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Literal, Union, get_args, get_origin
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import ValidationError
+
+from vllm_compact.config import CompactionConfig, load_config
+
+CONFIG_FLAG = "--kv-compaction-config"
+
+# flag -> config field; every flag is optional and overrides --kv-compaction-config.
+COMPACTION_FLAGS: dict[str, str] = {
+    "--kv-compaction-ratio": "ratio",
+    "--kv-compaction-trigger": "trigger_tokens",
+    "--kv-compaction-recent-window": "recent_window_tokens",
+    "--kv-compaction-protected-initial": "protected_initial_tokens",
+    "--kv-compaction-method": "method",
+    "--kv-compaction-query-source": "query_source",
+    "--kv-compaction-head-budgets": "head_budget_file",
+    "--kv-compaction-max-reference-queries": "max_reference_queries",
+    "--kv-compaction-value-ridge": "value_ridge",
+}
+# Boolean fields get --flag / --no-flag.
+COMPACTION_SWITCHES: dict[str, str] = {
+    "--kv-compaction-memory-pressure": "memory_pressure",
+    "--kv-compaction-recompact": "recompact",
+}
+
+
+class CompactionFlagError(ValueError):
+    """A `--kv-compaction*` value that the server must refuse before starting."""
+
+
+def add_compaction_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "KV compaction (vllm-compact)",
+        "Attention Matching compaction of running requests' KV caches. Off unless --kv-compaction is given.",
+    )
+    group.add_argument("--kv-compaction", action="store_true", default=False, help="Enable KV compaction.")
+    group.add_argument(
+        CONFIG_FLAG,
+        default=None,
+        help="Compaction settings as a JSON object or a path to a JSON file; individual flags below override it.",
+    )
+    fields = CompactionConfig.model_fields
+    for flag, field in COMPACTION_FLAGS.items():
+        info = fields[field]
+        group.add_argument(
+            flag, dest=f"kvc_{field}", default=None,
+            help=f"{info.description} Allowed: {allowed_values(field)}. (default: {info.default})",
+        )
+    for flag, field in COMPACTION_SWITCHES.items():
+        info = fields[field]
+        group.add_argument(
+            flag, dest=f"kvc_{field}", default=None, action=argparse.BooleanOptionalAction,
+            help=f"{info.description} (default: {info.default})",
+        )
+
+
+def compaction_config_from_args(args: argparse.Namespace) -> CompactionConfig:
+    """The server's config from parsed flags; raises CompactionFlagError with a readable message."""
+    fields = [*COMPACTION_FLAGS.values(), *COMPACTION_SWITCHES.values()]
+    overrides = {field: getattr(args, f"kvc_{field}") for field in fields}
+    given = any(v is not None for v in overrides.values()) or args.kv_compaction_config
+    if given and not args.kv_compaction:
+        raise CompactionFlagError("--kv-compaction-* settings were given without --kv-compaction (which enables it)")
+    try:
+        return load_config(args.kv_compaction_config, enabled=args.kv_compaction or None, **overrides)
+    except ValidationError as e:
+        flags = {field: flag for flag, field in {**COMPACTION_FLAGS, **COMPACTION_SWITCHES}.items()
+                 if overrides[field] is not None}
+        raise CompactionFlagError(describe_validation_error(e, flags)) from None
+    except OSError as e:
+        raise CompactionFlagError(f"{CONFIG_FLAG}: cannot read {e.filename!r}: {e.strerror}") from None
+    except ValueError as e:  # not JSON / not an object
+        source = args.kv_compaction_config
+        shown = source if len(source) < 200 else source[:200] + "..."
+        problem = str(e).removeprefix(f"{CONFIG_FLAG} ")  # load_config's messages start with the flag
+        raise CompactionFlagError(
+            f"{CONFIG_FLAG}={shown!r} {problem}; allowed: a JSON object such as '{{\"ratio\": 8}}' or a path to a "
+            "file holding one"
+        ) from None
+
+
+def check_compaction_argv(argv: list[str]) -> CompactionConfig:
+    """Validate only our flags in a raw command line (vLLM's flags are left to vLLM's parser)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_compaction_args(parser)
+    args, _ = parser.parse_known_args(_dashed_compaction_flags(argv))
+    return compaction_config_from_args(args)
+
+
+def _dashed_compaction_flags(argv: list[str]) -> list[str]:
+    """vLLM's parser accepts `--flag_name` for `--flag-name`; accept the same spelling of our flags."""
+    out = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        if name.startswith(("--kv_compaction", "--no_kv_compaction", "--no-kv_compaction")):
+            token = "--" + name[2:].replace("_", "-") + eq + value
+        out.append(token)
+    return out
+
+
+# ---- messages ---------------------------------------------------------------------------------------------------
+
+
+def allowed_values(field: str) -> str:
+    """What a field accepts, in words, from its type and bounds."""
+    info = CompactionConfig.model_fields[field]
+    annotation = info.annotation
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(annotation))
+    if annotation is bool:
+        return "true or false"
+    if get_origin(annotation) in (Union, types.UnionType) and str in get_args(annotation):
+        return "a path to an existing JSON file"
+    noun = {int: "an integer", float: "a number"}.get(annotation, str(annotation))
+    bounds = []
+    for meta in info.metadata:
+        for cls, op, attr in ((Ge, ">=", "ge"), (Gt, ">", "gt"), (Le, "<=", "le"), (Lt, "<", "lt")):
+            if isinstance(meta, cls):
+                bounds.append(f"{op} {getattr(meta, attr)}")
+    return f"{noun} {' and '.join(bounds)}".strip()
+
+
+def describe_validation_error(err: ValidationError, flags: dict[str, str]) -> str:
+    """One line per problem: where the value came from (flag or config field), the value, why, what is allowed."""
+    lines = []
+    for e in err.errors():
+        # pydantic's literal message already lists the choices, which "allowed" repeats
+        msg = "not one of the choices" if e["type"] == "literal_error" else e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a whole-model check (e.g. head_budget_file exists): the message names the field
+            named = [f for f in CompactionConfig.model_fields if f in msg]
+            where = f"{flags[named[0]]}: " if named and named[0] in flags else ""
+            allowed = f"; allowed: {allowed_values(named[0])}" if named else ""
+            lines.append(f"{where}{msg}{allowed}")
+            continue
+        field = str(e["loc"][0])
+        where = flags.get(field, f"{CONFIG_FLAG} field {field!r}")
+        if field not in CompactionConfig.model_fields:
+            allowed = "known fields: " + ", ".join(CompactionConfig.model_fields)
+            lines.append(f"{where}: unknown compaction setting; {allowed}")
+            continue
+        lines.append(f"{where}={e.get('input')!r}: {msg}; allowed: {allowed_values(field)}")
+    return "\n".join(lines)

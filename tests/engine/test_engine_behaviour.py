@@ -1,0 +1,101 @@
+"""Engine behaviour with compaction: stock when untriggered, pages accounted, physical length bounded."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.engine.conftest import run_scenario
+
+BLOCK = 32
+
+
+def _prompt(n: int, seed: int, vocab: int = 250) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def _requests(vocab: int) -> list[dict]:
+    return [
+        {"id": f"r{i}", "prompt_token_ids": _prompt(n, i, vocab), "max_tokens": 16, "logprobs": 3}
+        for i, n in enumerate((300, 120, 500))
+    ]
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_enabled_but_untriggered_is_stock(model, tiny_model_path, smollm2_path, tmp_path):
+    path, vocab = (tiny_model_path, 250) if model == "tiny" else (smollm2_path, 40000)
+    engine = {"block_size": BLOCK, "max_num_batched_tokens": 256, "max_model_len": 1024}
+    stock = run_scenario({"model": path, "compaction": None, "engine": engine, "requests": _requests(vocab)},
+                         tmp_path / "stock")
+    enabled = run_scenario(
+        {"model": path, "compaction": {"trigger_tokens": 100_000}, "engine": engine, "requests": _requests(vocab)},
+        tmp_path / "enabled",
+    )
+    for rid, rec in stock["requests"].items():
+        other = enabled["requests"][rid]
+        assert other["events"] == []
+        assert other["token_ids"] == rec["token_ids"], rid
+        for a, b in zip(rec["logprobs"], other["logprobs"]):
+            assert a.keys() == b.keys()
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
+    assert enabled["stats"]["worker"]["compactions"] == 0
+
+
+def _pressure_scenario(tiny_model_path: str, memory_pressure: bool) -> dict:
+    return {
+        "model": tiny_model_path,
+        "compaction": {"trigger_tokens": 4096, "recent_window_tokens": 32, "protected_initial_tokens": 1,
+                       "ratio": 8, "memory_pressure": memory_pressure},
+        # 40 pages of 32 tokens; six requests need ~16 pages each uncompacted.
+        "engine": {"block_size": BLOCK, "max_num_batched_tokens": 256, "max_model_len": 1024,
+                   "num_gpu_blocks_override": 40},
+        "requests": [
+            {"id": f"p{i}", "prompt_token_ids": _prompt(300 + 20 * i, 10 + i), "max_tokens": 100,
+             **({"abort_after_steps": 30} if i == 2 else {})}
+            for i in range(6)
+        ],
+    }
+
+
+def test_pages_return_after_preemption_and_abort(tiny_model_path, tmp_path):
+    """Memory-pressure compaction off: vLLM preempts; with an abort too, every page comes back."""
+    result = run_scenario(_pressure_scenario(tiny_model_path, memory_pressure=False), tmp_path)
+    stats = result["stats"]
+    assert sum(stats["preemptions"].values()) > 0, "the scenario must actually preempt"
+    assert result["requests"]["p2"].get("aborted")
+    assert stats["free_final"] == stats["free_initial"]
+
+
+def test_memory_pressure_compacts_instead_of_preempting(tiny_model_path, tmp_path):
+    result = run_scenario(_pressure_scenario(tiny_model_path, memory_pressure=True), tmp_path)
+    stats = result["stats"]
+    assert stats["scheduler"]["pressure_steps"] > 0
+    assert stats["worker"]["compactions"] > 0
+    assert sum(stats["preemptions"].values()) == 0
+    assert stats["free_final"] == stats["free_initial"]
+    done = [r for r in result["requests"].values() if not r.get("aborted")]
+    assert all(len(r["token_ids"]) == 100 for r in done)
+
+
+def test_repeated_compaction_bounds_physical_length(tiny_model_path, tmp_path):
+    """One generation 4x longer than the whole pool: re-compaction keeps it inside the pool."""
+    pool_blocks = 10
+    scenario = {
+        "model": tiny_model_path,
+        "compaction": {"trigger_tokens": 64, "recent_window_tokens": 32, "protected_initial_tokens": 1, "ratio": 16},
+        "engine": {"block_size": BLOCK, "max_num_batched_tokens": 256, "max_model_len": 4096,
+                   "num_gpu_blocks_override": pool_blocks},
+        "requests": [{"id": "g", "prompt_token_ids": _prompt(100, 7), "max_tokens": 4 * pool_blocks * BLOCK}],
+    }
+    result = run_scenario(scenario, tmp_path)
+    stats = result["stats"]
+    record = result["requests"]["g"]
+    assert len(record["token_ids"]) == 4 * pool_blocks * BLOCK
+    assert stats["max_logical"]["g"] >= 4 * pool_blocks * BLOCK
+    assert stats["preemptions"]["g"] == 0
+    # head page + trigger + recent window + a page of slack + the compact pages, never the logical length.
+    assert stats["max_physical"]["g"] <= (pool_blocks - 1) * BLOCK
+    assert len(record["events"]) >= 8
+    assert stats["free_final"] == stats["free_initial"]

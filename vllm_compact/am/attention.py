@@ -1,0 +1,120 @@
+"""Dense fp32 attention of reference queries over a span or over its selected entries.
+
+Logits are accumulated in fp32 (inputs up-cast), masked to -inf where a key is invisible (padding, causal), and
+every exp is taken after subtracting a per-query stabiliser, so huge logits never overflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vllm_compact.am.types import HeadBatch
+
+NEG_INF = float("-inf")
+# fp32 elements of one logits tile of the reference pass (2 MiB): small enough to stay in a CPU core's L2.
+REFERENCE_TILE_ELEMENTS = 1 << 19
+
+
+@dataclass
+class Visibility:
+    """Which queries see which keys: validity of both plus the optional causal positions."""
+
+    query_valid: Tensor  # [H,N] bool
+    key_valid: Tensor  # [H,K] bool
+    query_pos: Tensor | None  # [H,N] int64
+    key_pos: Tensor | None  # [H,K] int64
+
+    def tile(self, heads: slice, rows: slice) -> Tensor | None:
+        """[h,n,K] bool visibility of a tile of heads x query rows; None when everything in it is visible."""
+        causal = self.query_pos is not None and self.key_pos is not None
+        if not causal and bool(self.query_valid[heads, rows].all()) and bool(self.key_valid[heads].all()):
+            return None
+        visible = self.query_valid[heads, rows, None] & self.key_valid[heads, None, :]
+        if self.query_pos is not None and self.key_pos is not None:
+            visible = visible & (self.key_pos[heads, None, :] <= self.query_pos[heads, rows, None])
+        return visible
+
+    def sees_any_key(self) -> Tensor:
+        """[H,N] bool: valid queries with at least one visible key (cheap: compares with the earliest key)."""
+        if self.query_pos is None or self.key_pos is None:
+            return self.query_valid & self.key_valid.any(dim=1, keepdim=True)
+        big = torch.iinfo(torch.int64).max
+        earliest = torch.where(self.key_valid, self.key_pos, big).amin(dim=1, keepdim=True)
+        return self.query_valid & (self.query_pos >= earliest)
+
+
+def span_visibility(batch: HeadBatch) -> Visibility:
+    device = batch.device
+    return Visibility(
+        query_valid=batch.query_valid(),
+        key_valid=batch.key_valid(),
+        query_pos=None if batch.query_pos is None else batch.query_pos.to(device=device, dtype=torch.int64),
+        key_pos=None if batch.key_pos is None else batch.key_pos.to(device=device, dtype=torch.int64),
+    )
+
+
+def masked_logits(
+    queries: Tensor, keys: Tensor, scale: Tensor, bias: Tensor | None, visible: Tensor | None
+) -> Tensor:
+    """s q.k + bias in fp32 [h,n,K]; -inf where not visible (`visible` None: all visible)."""
+    logits = torch.bmm(queries.float(), keys.float().transpose(1, 2))
+    logits.mul_(scale[:, None, None])
+    if bias is not None:
+        logits.add_(bias[:, None, :])
+    return logits if visible is None else logits.masked_fill_(~visible, NEG_INF)
+
+
+def safe_row_max(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Row max over the last dim and a copy with 0 where a row sees nothing (so exp(l - max) stays 0 there)."""
+    row_max = logits.amax(dim=-1)
+    return row_max, torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+
+
+def softmax_rows(logits: Tensor) -> Tensor:
+    """Softmax over the last dim; rows with no visible entry are all zero (not NaN).
+
+    Only an all -inf row yields NaN here: callers flag non-finite inputs per head before trusting a result.
+    """
+    return torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+
+
+@dataclass
+class ReferenceAttention:
+    """The span's original attention for every reference query (fp32)."""
+
+    row_max: Tensor  # [H,N] max visible logit (-inf for blind or invalid rows)
+    lse: Tensor  # [H,N] natural-log logsumexp over visible keys (-inf for blind rows)
+    output: Tensor  # [H,N,D] softmax(s Q K^T + bias) V (0 for blind rows)
+
+
+def reference_attention(batch: HeadBatch, visibility: Visibility) -> ReferenceAttention:
+    """Local output, lse and row max of the span, in cache-sized tiles of heads x queries."""
+    heads, n_queries, _ = batch.queries.shape
+    n_keys = batch.keys.shape[1]
+    device = batch.device
+    scale = batch.scale_per_head()
+    bias = None if batch.key_bias is None else batch.bias_or_zero()
+    keys = batch.keys.float()
+    values = batch.values.float()
+    row_max = torch.full((heads, n_queries), NEG_INF, device=device)
+    lse = torch.full((heads, n_queries), NEG_INF, device=device)
+    output = torch.zeros(heads, n_queries, values.shape[2], device=device)
+    rows_per_tile = max(1, REFERENCE_TILE_ELEMENTS // n_keys)
+    heads_per_tile = max(1, REFERENCE_TILE_ELEMENTS // (n_keys * max(1, n_queries)))
+    for h0 in range(0, heads, heads_per_tile):
+        hs = slice(h0, min(heads, h0 + heads_per_tile))
+        for r0 in range(0, n_queries, rows_per_tile):
+            rs = slice(r0, min(n_queries, r0 + rows_per_tile))
+            logits = masked_logits(
+                batch.queries[hs, rs], keys[hs], scale[hs], None if bias is None else bias[hs], visibility.tile(hs, rs)
+            )
+            tile_max, stabiliser = safe_row_max(logits)
+            weights = logits.sub_(stabiliser[..., None]).exp_()
+            total = weights.sum(dim=-1)
+            row_max[hs, rs] = tile_max
+            lse[hs, rs] = stabiliser + torch.log(total)
+            output[hs, rs] = torch.bmm(weights, values[hs]) / torch.where(total > 0, total, 1.0)[..., None]
+    return ReferenceAttention(row_max=row_max, lse=lse, output=output)

@@ -1,0 +1,194 @@
+"""Steps 2 and 3 of AM on selected keys (beta by bounded NNLS on the mass, C2 by ridge least squares on the
+output), and the per-head guard that falls back to eviction where the fit is broken or generalises worse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vllm_compact.am.attention import ReferenceAttention, Visibility, masked_logits, safe_row_max, softmax_rows
+from vllm_compact.am.selection import Entries
+from vllm_compact.am.types import CompactedHeads, HeadBatch
+from vllm_compact.kernels import nnls_pg, value_lstsq
+
+
+@dataclass
+class QueryRows:
+    """Which reference queries fit the compaction and which judge it (held out)."""
+
+    fit: Tensor  # [H,N] bool
+    heldout: Tensor  # [H,N] bool
+
+    def select_heads(self, heads: slice) -> QueryRows:
+        return QueryRows(fit=self.fit[heads], heldout=self.heldout[heads])
+
+
+def split_queries(eligible: Tensor, holdout_fraction: float, seed: int) -> QueryRows:
+    """Seeded random hold-out of floor(fraction * n) eligible queries per head; at least one query stays to fit."""
+    heads, n_queries = eligible.shape
+    count = eligible.sum(dim=1)
+    n_held = torch.floor(count.double() * holdout_fraction).long().clamp(min=0)
+    n_held = torch.minimum(n_held, (count - 1).clamp(min=0))
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.rand(heads, n_queries, generator=generator).to(eligible.device)
+    draw = draw.masked_fill(~eligible, 2.0)  # ineligible rows rank last, never held out
+    rank = draw.argsort(dim=1).argsort(dim=1)
+    heldout = rank < n_held[:, None]
+    return QueryRows(fit=eligible & ~heldout, heldout=heldout)
+
+
+def entry_logits(batch: HeadBatch, entries: Entries, visibility: Visibility) -> Tensor:
+    """[H,N,t] fp32 logits s q.c + existing bias of every reference query over the selected entries."""
+    entry_view = Visibility(
+        query_valid=visibility.query_valid, key_valid=entries.valid, query_pos=visibility.query_pos, key_pos=entries.pos
+    )
+    every = slice(None)
+    visible = entry_view.tile(every, every)
+    return masked_logits(batch.queries, entries.keys, batch.scale_per_head(), entries.bias, visible)
+
+
+def fit_log_weights(
+    logits: Tensor,
+    entries: Entries,
+    reference: ReferenceAttention,
+    fit_rows: Tensor,
+    bounds: tuple[float, float],
+    pg_iters: int,
+    ridge: float,
+) -> Tensor:
+    """log w [H,t] (0 at padding) from min ||M w - m||, M = exp(logits - rowmax), m = exp(lse - rowmax).
+
+    `ridge` is the relative ridge of the unconstrained least-squares start (before clamping and PG steps).
+    """
+    stabiliser = torch.where(torch.isfinite(reference.row_max), reference.row_max, 0.0)
+    mass_matrix = (logits - stabiliser[:, :, None]).exp_()
+    target = torch.exp(reference.lse - stabiliser)
+    rows = fit_rows & torch.isfinite(reference.lse)
+    weight = nnls_pg(
+        mass_matrix, target, lower=bounds[0], upper=bounds[1], col_mask=entries.valid, row_mask=rows,
+        pg_iters=pg_iters, ridge=ridge,
+    )
+    return torch.where(entries.valid, torch.log(weight.clamp(min=bounds[0])), 0.0)
+
+
+@dataclass
+class ValueFit:
+    """C2 and the attention weights of the fitted compact entries."""
+
+    values: Tensor  # [H,t,D] fp32
+    attention: Tensor  # [H,N,t] softmax(s Q C1^T + beta), zero rows where no entry is visible
+    failed: Tensor  # [H] bool
+
+
+def fit_values(
+    logits: Tensor, log_weight: Tensor, entries: Entries, reference: ReferenceAttention, fit_rows: Tensor, ridge: float
+) -> ValueFit:
+    """C2 = argmin ||X C2 - Y||^2 + ridge term, X = softmax(logits + log w), Y = the span's original output."""
+    attention = softmax_rows(logits + log_weight[:, None, :])
+    covered = covered_rows(logits)
+    result = value_lstsq(attention, reference.output, ridge=ridge, col_mask=entries.valid, row_mask=fit_rows & covered)
+    broken = ~torch.isfinite(result.solution).flatten(1).all(dim=1)
+    return ValueFit(values=result.solution, attention=attention, failed=result.failed | broken)
+
+
+def covered_rows(logits: Tensor) -> Tensor:
+    """[H,N] bool: queries that see at least one selected entry."""
+    row_max, _ = safe_row_max(logits)
+    return torch.isfinite(row_max)
+
+
+def row_subset(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices [H,n] of each head's selected rows (padded with row 0) and their validity [H,n]."""
+    count = rows.sum(dim=1)
+    n = int(count.max()) if rows.numel() > 0 else 0
+    index = rows.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :n]
+    return index, torch.arange(n, device=rows.device)[None, :] < count[:, None]
+
+
+def gather_rows(tensor: Tensor, index: Tensor) -> Tensor:
+    """tensor [H,N,X] -> [H,n,X] at row indices [H,n]."""
+    return torch.gather(tensor, 1, index[:, :, None].expand(-1, -1, tensor.shape[2]))
+
+
+def squared_output_error(attention: Tensor, values: Tensor, target: Tensor, rows: Tensor) -> Tensor:
+    """[H] sum over `rows` of ||attention @ values - target||^2 (fp32)."""
+    diff = torch.bmm(attention, values.float()) - target
+    return diff.square().sum(dim=2).masked_fill(~rows, 0.0).sum(dim=1)
+
+
+def non_finite_heads(batch: HeadBatch) -> Tensor:
+    """[H] bool: NaN/Inf anywhere in the valid part of the inputs."""
+    key_valid = batch.key_valid()
+    query_valid = batch.query_valid()
+
+    def broken(tensor: Tensor, valid: Tensor) -> Tensor:
+        bad = ~torch.isfinite(tensor)
+        if bad.dim() == 3:
+            bad = bad.any(dim=2)
+        return (bad & valid).any(dim=1)
+
+    bad = broken(batch.keys, key_valid) | broken(batch.values, key_valid) | broken(batch.queries, query_valid)
+    if batch.key_bias is not None:
+        bad = bad | broken(batch.key_bias, key_valid)
+    return bad
+
+
+@dataclass
+class GuardDecision:
+    """Per-head verdict on an AM solution."""
+
+    broken: Tensor  # [H] bool: NaN/Inf/singular, or nothing to fit on -> eviction with SnapKV's selection
+    worse_than_eviction: Tensor  # [H] bool: held-out output error above eviction with the same keys
+
+
+def judge(
+    batch: HeadBatch,
+    entries: Entries,
+    logits: Tensor,
+    log_weight: Tensor,
+    fit: ValueFit,
+    reference: ReferenceAttention,
+    rows: QueryRows,
+) -> GuardDecision:
+    covered = covered_rows(logits)
+    nothing_to_fit = ~(rows.fit & covered).any(dim=1)
+    weights_broken = ~torch.isfinite(log_weight).all(dim=1)
+    broken = non_finite_heads(batch) | fit.failed | weights_broken | nothing_to_fit
+    index, judged = row_subset(rows.heldout & covered)  # only the held-out rows are evaluated
+    target = gather_rows(reference.output, index)
+    am_error = squared_output_error(gather_rows(fit.attention, index), fit.values, target, judged)
+    eviction_attention = softmax_rows(gather_rows(logits, index))
+    eviction_error = squared_output_error(eviction_attention, entries.values, target, judged)
+    broken = broken | ~torch.isfinite(am_error)
+    worse = judged.any(dim=1) & (eviction_error < am_error) & ~broken
+    return GuardDecision(broken=broken, worse_than_eviction=worse)
+
+
+def am_result(entries: Entries, log_weight: Tensor, values: Tensor) -> CompactedHeads:
+    """CompactedHeads of fitted entries: beta = existing bias + log w, C2 cast to the model dtype."""
+    beta = (entries.bias + log_weight).masked_fill(~entries.valid, float("-inf"))
+    heads = entries.indices.shape[0]
+    return CompactedHeads(
+        indices=entries.indices,
+        keys=entries.keys,
+        beta=beta,
+        values=values.to(entries.values.dtype).masked_fill(~entries.valid[:, :, None], 0),
+        length=entries.length,
+        fell_back=torch.zeros(heads, dtype=torch.bool, device=entries.indices.device),
+    )
+
+
+def eviction_result(entries: Entries, fell_back: bool | Tensor = False) -> CompactedHeads:
+    """CompactedHeads keeping the original keys/values; beta = their existing bias (0 without re-compaction)."""
+    heads = entries.indices.shape[0]
+    flags = torch.as_tensor(fell_back, dtype=torch.bool, device=entries.indices.device).expand(heads).clone()
+    return CompactedHeads(
+        indices=entries.indices,
+        keys=entries.keys,
+        beta=entries.bias.masked_fill(~entries.valid, float("-inf")),
+        values=entries.values,
+        length=entries.length,
+        fell_back=flags,
+    )

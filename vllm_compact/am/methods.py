@@ -1,0 +1,262 @@
+"""Compaction methods behind one interface (a dataclass of options per method, a registry by name).
+
+Every method compacts a whole HeadBatch (all heads of all layers) in batched tensor ops; Python loops run only
+over chunks of many heads (memory) and over OMP steps, never over single heads.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from torch import Tensor
+
+from vllm_compact.am.attention import ReferenceAttention, Visibility, reference_attention, span_visibility
+from vllm_compact.am.fitting import (
+    QueryRows,
+    am_result,
+    entry_logits,
+    eviction_result,
+    fit_log_weights,
+    fit_values,
+    judge,
+    split_queries,
+)
+from vllm_compact.am.omp import OmpSettings, omp_select
+from vllm_compact.am.selection import (
+    all_keys,
+    attention_scores,
+    gather_entries,
+    recency_scores,
+    top_budget,
+)
+from vllm_compact.am.types import CompactedHeads, HeadBatch, concat_heads
+
+_REGISTRY: dict[str, type[CompactionMethod]] = {}
+
+
+class CompactionMethod(ABC):
+    """Compacts every head of a batch to its budget."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def compact(self, batch: HeadBatch) -> CompactedHeads: ...
+
+
+def register(cls: type[CompactionMethod]) -> type[CompactionMethod]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+# ---------------------------------------------------------------- eviction: keep K[idx], V[idx], beta unchanged
+
+
+class EvictionMethod(CompactionMethod):
+    """Step 1 alone: keep the selected original keys and values; beta = their existing bias (0 normally)."""
+
+    def compact(self, batch: HeadBatch) -> CompactedHeads:
+        batch.validate()
+        return eviction_result(gather_entries(batch, self.select(batch)))
+
+    @abstractmethod
+    def select(self, batch: HeadBatch) -> Tensor:
+        """[H, max budget] int64 kept positions, -1 padded."""
+
+
+@register
+@dataclass
+class SnapKV(EvictionMethod):
+    """Top keys by attention score (reduced over queries), max-pooled over `pool_kernel` neighbouring positions."""
+
+    name: ClassVar[str] = "snapkv"
+    reduce: str = "rms"
+    pool_kernel: int = 7
+
+    def select(self, batch: HeadBatch) -> Tensor:
+        scores = attention_scores(batch, self.reduce, self.pool_kernel)
+        return top_budget(scores, batch.key_valid(), batch.budget_per_head())
+
+
+@register
+@dataclass
+class H2O(EvictionMethod):
+    """Heavy hitters: top keys by mean attention over the reference queries."""
+
+    name: ClassVar[str] = "h2o"
+    reduce: str = "mean"
+
+    def select(self, batch: HeadBatch) -> Tensor:
+        scores = attention_scores(batch, self.reduce, pool_kernel=0)
+        return top_budget(scores, batch.key_valid(), batch.budget_per_head())
+
+
+@register
+@dataclass
+class Recent(EvictionMethod):
+    """The newest `budget` keys (largest key_pos when given, else the last in the span)."""
+
+    name: ClassVar[str] = "recent"
+
+    def select(self, batch: HeadBatch) -> Tensor:
+        return top_budget(recency_scores(batch), batch.key_valid(), batch.budget_per_head())
+
+
+@register
+@dataclass
+class KeepAll(EvictionMethod):
+    """No compaction: every valid key stays (budget ignored, length = key_len)."""
+
+    name: ClassVar[str] = "none"
+
+    def compact(self, batch: HeadBatch) -> CompactedHeads:
+        batch.validate(check_budget=False)
+        return eviction_result(gather_entries(batch, self.select(batch)))
+
+    def select(self, batch: HeadBatch) -> Tensor:
+        return all_keys(batch)
+
+
+# ---------------------------------------------------------------- attention matching: select, fit beta, fit C2
+
+
+@dataclass
+class AttentionMatching(CompactionMethod):
+    """Shared AM pipeline; subclasses only choose the keys.
+
+    weight_bounds: bounds on w = exp(beta - existing bias) of the mass NNLS; pg_iters: its projected-gradient steps;
+    mass_ridge: relative ridge of its unconstrained least-squares start. value_ridge: relative ridge of the C2 fit. holdout_fraction: share of the reference queries held out (seeded by
+    `seed`) to compare the fit against eviction with the same keys, per head (0 = no comparison).
+    chunk_elements: heads are solved in chunks of about this many query x key pairs (memory bound).
+    """
+
+    weight_bounds: tuple[float, float] = (math.exp(-3.0), math.exp(3.0))
+    pg_iters: int = 2
+    mass_ridge: float = 1e-6
+    value_ridge: float = 1e-3
+    holdout_fraction: float = 0.25
+    seed: int = 0
+    chunk_elements: int = 1 << 26
+
+    def __post_init__(self) -> None:
+        low, high = self.weight_bounds
+        if not 0.0 < low <= high:
+            raise ValueError(f"weight_bounds must satisfy 0 < lower <= upper, got {self.weight_bounds}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
+        if self.value_ridge < 0 or self.mass_ridge < 0:
+            raise ValueError(f"ridges must be >= 0, got value_ridge={self.value_ridge}, mass_ridge={self.mass_ridge}")
+
+    @abstractmethod
+    def select_keys(
+        self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
+    ) -> Tensor:
+        """[H, max budget] int64 chosen positions, -1 padded."""
+
+    def compact(self, batch: HeadBatch) -> CompactedHeads:
+        batch.validate()
+        rows = split_queries(span_visibility(batch).sees_any_key(), self.holdout_fraction, self.seed)
+        n_queries, n_keys = batch.queries.shape[1], batch.keys.shape[1]
+        step = max(1, self.chunk_elements // max(1, n_queries * n_keys))
+        chunks = [slice(h, min(batch.num_heads, h + step)) for h in range(0, batch.num_heads, step)]
+        return concat_heads([self.solve(batch.select_heads(c), rows.select_heads(c)) for c in chunks])
+
+    def solve(self, batch: HeadBatch, rows: QueryRows) -> CompactedHeads:
+        visibility = span_visibility(batch)
+        reference = reference_attention(batch, visibility)
+        entries = gather_entries(batch, self.select_keys(batch, visibility, reference, rows))
+        logits = entry_logits(batch, entries, visibility)
+        log_weight = fit_log_weights(
+            logits, entries, reference, rows.fit, self.weight_bounds, self.pg_iters, self.mass_ridge
+        )
+        fit = fit_values(logits, log_weight, entries, reference, rows.fit, self.value_ridge)
+        decision = judge(batch, entries, logits, log_weight, fit, reference, rows)
+        result = am_result(entries, log_weight, fit.values)
+        worse = decision.worse_than_eviction.nonzero()[:, 0]
+        if worse.numel() > 0:
+            result = result.with_heads_replaced(worse, eviction_result(entries.select_heads(worse), fell_back=True))
+        broken = decision.broken.nonzero()[:, 0]
+        if broken.numel() > 0:
+            result = result.with_heads_replaced(broken, snapkv_fallback(batch.select_heads(broken)))
+        return result
+
+
+def snapkv_fallback(batch: HeadBatch) -> CompactedHeads:
+    """Heads whose AM solve broke: SnapKV selection, original values, existing bias; fell_back = True."""
+    return eviction_result(gather_entries(batch, SnapKV().select(batch)), fell_back=True)
+
+
+@register
+@dataclass
+class HighestAttention(AttentionMatching):
+    """C1 = the keys with the highest attention score (`reduce` over queries, optional max-pooling)."""
+
+    name: ClassVar[str] = "am-highest-attention"
+    reduce: str = "rms"
+    pool_kernel: int = 0
+
+    def select_keys(
+        self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
+    ) -> Tensor:
+        scores = attention_scores(batch, self.reduce, self.pool_kernel)
+        return top_budget(scores, visibility.key_valid, batch.budget_per_head())
+
+
+@register
+@dataclass
+class OrthogonalMatchingPursuit(AttentionMatching):
+    """C1 by greedy OMP on the attention mass (see am/omp.py); the final NNLS uses weight_bounds / pg_iters."""
+
+    name: ClassVar[str] = "am-omp"
+    weight_bounds: tuple[float, float] = (1e-12, math.exp(7.0))
+    pg_iters: int = 0
+    keys_per_step: int = 4
+    refit_every: int = 2
+    drop_log_weight: float = -7.0
+    drop_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keys_per_step < 1 or self.refit_every < 1 or self.drop_rounds < 0:
+            raise ValueError("keys_per_step and refit_every must be >= 1, drop_rounds >= 0")
+
+    def select_keys(
+        self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
+    ) -> Tensor:
+        settings = OmpSettings(
+            keys_per_step=self.keys_per_step,
+            refit_every=self.refit_every,
+            drop_log_weight=self.drop_log_weight,
+            drop_rounds=self.drop_rounds,
+            bounds=self.weight_bounds,
+            ridge=self.mass_ridge,
+        )
+        return omp_select(batch, visibility, reference, rows.fit, settings)
+
+
+METHODS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_method(name: str, **options: object) -> CompactionMethod:
+    """The method registered under `name`, configured with `options` (its dataclass fields)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown compaction method {name!r}; known: {', '.join(METHODS)}")
+    cls = _REGISTRY[name]
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; options: {sorted(known)}")
+    return cls(**options)
+
+
+def compact_heads(batch: HeadBatch, method: str = "am-highest-attention", **options: object) -> CompactedHeads:
+    """Compact every head of `batch` (all layers, one batched call) with the named method."""
+    return get_method(method, **options).compact(batch)
+
+
+def method_options(name: str) -> dict[str, object]:
+    """Option names of a method and their defaults."""
+    cls = get_method(name)
+    return {f.name: getattr(cls, f.name) for f in fields(cls)}  # type: ignore[arg-type]

@@ -1,0 +1,116 @@
+"""Step 1 of AM and the whole of eviction: choosing which original keys stay (batched, variable budgets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vllm_compact.am.attention import NEG_INF
+from vllm_compact.am.types import HeadBatch
+from vllm_compact.kernels import key_scores
+
+# Finite stand-in for non-finite scores: such keys rank below every real score but above padding (-inf).
+_WORST_SCORE = -3.0e38
+
+
+@dataclass
+class Entries:
+    """Selected original keys of every head, padded to the largest budget."""
+
+    indices: Tensor  # [H,t] int64 positions into T (-1 padding)
+    valid: Tensor  # [H,t] bool slot < length
+    keys: Tensor  # [H,t,D] model dtype (0 at padding)
+    values: Tensor  # [H,t,D] model dtype (0 at padding)
+    bias: Tensor  # [H,t] fp32 existing beta of the kept keys (0 at padding or without re-compaction)
+    pos: Tensor | None  # [H,t] int64 positions of the kept keys (causal option)
+
+    @property
+    def length(self) -> Tensor:
+        return self.valid.sum(dim=1)
+
+    def select_heads(self, heads: Tensor) -> Entries:
+        return Entries(
+            indices=self.indices[heads],
+            valid=self.valid[heads],
+            keys=self.keys[heads],
+            values=self.values[heads],
+            bias=self.bias[heads],
+            pos=None if self.pos is None else self.pos[heads],
+        )
+
+
+def gather_entries(batch: HeadBatch, indices: Tensor) -> Entries:
+    """Entries at `indices` ([H,t], -1 = padding)."""
+    valid = indices >= 0
+    safe = indices.clamp(min=0)
+    dim = batch.keys.shape[2]
+
+    def rows(tensor: Tensor) -> Tensor:
+        picked = torch.gather(tensor, 1, safe[:, :, None].expand(-1, -1, dim))
+        return picked.masked_fill(~valid[:, :, None], 0)
+
+    bias = torch.gather(batch.bias_or_zero(), 1, safe).masked_fill(~valid, 0.0)
+    pos = None if batch.key_pos is None else torch.gather(batch.key_pos.to(safe.device), 1, safe)
+    return Entries(indices=indices, valid=valid, keys=rows(batch.keys), values=rows(batch.values), bias=bias, pos=pos)
+
+
+def top_budget(scores: Tensor, key_valid: Tensor, budget: Tensor) -> Tensor:
+    """[H, max budget] int64: the `budget[h]` best-scoring valid keys of each head, ascending, -1 padded."""
+    ranked = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, _WORST_SCORE))
+    ranked = ranked.masked_fill(~key_valid, NEG_INF)
+    tmax = int(budget.max())
+    top = ranked.topk(tmax, dim=1).indices
+    keep = torch.arange(tmax, device=scores.device)[None, :] < budget[:, None]
+    return sorted_with_padding(torch.where(keep, top, -1))
+
+
+def sorted_with_padding(indices: Tensor) -> Tensor:
+    """Sort each row's indices ascending, keeping -1 padding at the end."""
+    big = torch.iinfo(torch.int64).max
+    ordered = torch.where(indices >= 0, indices, big).sort(dim=1).values
+    return torch.where(ordered == big, -1, ordered)
+
+
+def max_pool_positions(scores: Tensor, key_valid: Tensor, kernel: int) -> Tensor:
+    """SnapKV-style max-pooling of scores over neighbouring positions (odd kernel; 0 or 1 = off)."""
+    if kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd, got {kernel}")
+    masked = scores.masked_fill(~key_valid, NEG_INF)
+    pooled = F.max_pool1d(masked[:, None, :], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0, :]
+    return pooled.masked_fill(~key_valid, 0.0)
+
+
+def attention_scores(batch: HeadBatch, reduce: str, pool_kernel: int) -> Tensor:
+    """[H,T] per-key attention score of the reference queries (kernels.key_scores), optionally pooled."""
+    result = key_scores(
+        batch.queries,
+        batch.keys,
+        batch.scale_per_head(),
+        query_len=batch.query_len,
+        key_len=batch.key_len,
+        key_bias=batch.key_bias,
+        query_pos=batch.query_pos,
+        key_pos=batch.key_pos,
+        reduce=reduce,
+    )
+    return max_pool_positions(result.scores, batch.key_valid(), pool_kernel)
+
+
+def recency_scores(batch: HeadBatch) -> Tensor:
+    """[H,T] larger = newer: the key position when given, else the index in the span."""
+    if batch.key_pos is not None:
+        return batch.key_pos.to(device=batch.device, dtype=torch.float64)
+    n_keys = batch.keys.shape[1]
+    return torch.arange(n_keys, device=batch.device, dtype=torch.float64)[None, :].expand(batch.num_heads, n_keys)
+
+
+def all_keys(batch: HeadBatch) -> Tensor:
+    """[H, max key_len] every valid key (the "none" method)."""
+    key_len = batch.key_lengths()
+    positions = torch.arange(int(key_len.max()), device=batch.device)[None, :]
+    return torch.where(positions < key_len[:, None], positions, -1)

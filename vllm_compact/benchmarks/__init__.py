@@ -1,0 +1,1 @@
+"""Benchmarks behind `vllm-compact bench ...` (attention-matching quality/speed on captured tensors)."""

@@ -1,0 +1,151 @@
+"""The compaction stats file: written by the scheduler (engine-core process), read by the API server process.
+
+The engine core runs in another process than the HTTP server, so the scheduler publishes its counters as one small
+JSON file (path in env VLLM_COMPACT_STATS_PATH, set by `vllm-compact serve`), replaced atomically, and the server
+reads it for /metrics, /v1/compaction/stats and the per-response `usage.kv_compaction` field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypedDict
+
+STATS_PATH_ENV = "VLLM_COMPACT_STATS_PATH"
+
+# Upper bounds (seconds) of the compaction-time histogram; one more count collects everything above the last.
+SECONDS_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class SchedulerStats(TypedDict):
+    plans: int
+    tokens_compacted: int
+    pages_freed: int
+    pressure_steps: int
+
+
+class SecondsHistogram(TypedDict):
+    buckets: list[float]  # upper bounds, increasing
+    counts: list[int]     # len(buckets) + 1; counts[i]: buckets[i-1] < s <= buckets[i]; the last: s > buckets[-1]
+
+
+class WorkerStats(TypedDict):
+    compactions: int
+    failures: int
+    heads_fell_back: int
+    seconds_total: float
+    seconds_hist: SecondsHistogram
+    reservoir_bytes: int
+
+
+class Totals(TypedDict):
+    logical_tokens: int   # over running requests
+    physical_tokens: int  # KV slots those requests hold (compact pages counted whole)
+    running_requests: int
+
+
+class RequestStats(TypedDict):
+    logical_tokens: int
+    physical_tokens: int
+    compactions: int
+    finished: bool  # True once the request finished or was aborted: its numbers are final
+
+
+class StatsSnapshot(TypedDict):
+    """What the scheduler provides at each write; the writer adds `updated` and `requests`."""
+
+    config: dict
+    scheduler: SchedulerStats
+    worker: WorkerStats
+    totals: Totals
+
+
+class StatsPayload(StatsSnapshot):
+    updated: float  # unix time of the write
+    requests: dict[str, RequestStats]  # engine request id -> stats; running plus recently finished ones
+
+
+def seconds_histogram(seconds: Iterable[float]) -> SecondsHistogram:
+    counts = [0] * (len(SECONDS_BUCKETS) + 1)
+    for s in seconds:
+        counts[bisect_left(SECONDS_BUCKETS, s)] += 1
+    return {"buckets": list(SECONDS_BUCKETS), "counts": counts}
+
+
+def write_stats_file(path: str | os.PathLike, payload: StatsPayload) -> None:
+    """Replace the file in one step: a reader sees the old or the new content, never a partial one."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, separators=(",", ":"))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_stats_file(path: str | os.PathLike) -> StatsPayload | None:
+    """The last payload written, or None while no file exists yet. Raises ValueError on a corrupt file."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    payload = json.loads(text)
+    if not isinstance(payload, dict) or "updated" not in payload:
+        raise ValueError(f"{path} is not a vllm-compact stats file")
+    return payload
+
+
+class StatsFileWriter:
+    """Keeps the per-request table and writes the file at most every `min_interval_s`, or at once when forced.
+
+    The scheduler calls `track_request` for running requests, `finish_request` when one finishes or is aborted
+    (before its pages are released, so its final lengths are recorded), and `maybe_write` once per step with
+    force=True when the step planned a compaction or finished a request.
+    """
+
+    def __init__(self, path: str | os.PathLike, min_interval_s: float = 0.5, max_finished: int = 512) -> None:
+        self.path = Path(path)
+        self.min_interval_s = min_interval_s
+        self.max_finished = max_finished
+        self._running: dict[str, RequestStats] = {}
+        self._finished: OrderedDict[str, RequestStats] = OrderedDict()
+        self._last_write = 0.0
+
+    @classmethod
+    def from_env(cls) -> StatsFileWriter | None:
+        path = os.environ.get(STATS_PATH_ENV)
+        return cls(path) if path else None
+
+    def track_request(self, req_id: str, logical_tokens: int, physical_tokens: int, compactions: int) -> None:
+        self._running[req_id] = RequestStats(
+            logical_tokens=logical_tokens, physical_tokens=physical_tokens, compactions=compactions, finished=False
+        )
+
+    def finish_request(self, req_id: str, logical_tokens: int, physical_tokens: int, compactions: int) -> None:
+        self._running.pop(req_id, None)
+        self._finished[req_id] = RequestStats(
+            logical_tokens=logical_tokens, physical_tokens=physical_tokens, compactions=compactions, finished=True
+        )
+        while len(self._finished) > self.max_finished:
+            self._finished.popitem(last=False)
+
+    def forget_request(self, req_id: str) -> None:
+        """For a request leaving the running set without finishing (preempted: it comes back later)."""
+        self._running.pop(req_id, None)
+
+    def maybe_write(self, snapshot: Callable[[], StatsSnapshot], force: bool = False) -> bool:
+        now = time.time()
+        if not force and now - self._last_write < self.min_interval_s:
+            return False
+        payload = StatsPayload(**snapshot(), updated=now, requests={**self._finished, **self._running})
+        write_stats_file(self.path, payload)
+        self._last_write = now
+        return True
