@@ -94,7 +94,7 @@ def compaction_config_from_args(args: argparse.Namespace) -> CompactionConfig:
 
 def check_compaction_argv(argv: list[str]) -> CompactionConfig:
     """Validate only our flags in a raw command line (vLLM's flags are left to vLLM's parser)."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="vllm-compact serve", add_help=False, allow_abbrev=False)
     add_compaction_args(parser)
     args, _ = parser.parse_known_args(_dashed_compaction_flags(argv))
     return compaction_config_from_args(args)

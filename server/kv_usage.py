@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TypedDict
 
-from vllm_compact.engine.stats_file import RequestStats, StatsPayload, read_stats_file
+from vllm_compact.engine.stats_file import RequestStats, StatsPayload, read_stats_file, worker_stats_path
 
 # How long a finished response waits for the scheduler's file to show its requests as finished (the scheduler
 # writes at once when a request finishes, so this is normally one short poll).
@@ -36,21 +36,28 @@ class StatsReader:
 
     def __init__(self, path: str | None) -> None:
         self.path = path
-        self._key: tuple[int, int, int] | None = None
+        self._key: tuple | None = None
         self._payload: StatsPayload | None = None
 
     def read(self) -> StatsPayload | None:
         if not self.path:
             return None
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
+        key = (_identity(self.path), _identity(worker_stats_path(self.path)))
+        if key[0] is None:
             return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key != self._key:
             self._payload = read_stats_file(self.path)
             self._key = key
         return self._payload
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """Changes whenever the file is replaced (atomic writes make a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def engine_ids_pattern(response_id: str) -> re.Pattern[str]:

@@ -89,7 +89,10 @@ def main(argv: list[str]) -> int:
     if config.enabled:
         from vllm_compact.engine.settings import apply_to_serve_args
 
-        apply_to_serve_args(args, config)
+        try:
+            apply_to_serve_args(args, config)
+        except RuntimeError as e:  # compaction is not available on this platform
+            return _fail(str(e))
         stats_dir = install_http_extensions(args)
 
     from vllm.entrypoints.cli.serve import ServeSubcommand

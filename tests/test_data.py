@@ -61,7 +61,8 @@ def test_squad_items():
     answerable = [item for item in items if not item.is_impossible]
     assert len(answerable) == 5928 and len({item.title for item in items}) == 35
     first = items[0]
-    assert (first.title, first.question, first.answers[0]) == ("Normans", "In what country is Normandy located?", "France")
+    assert first.title == "Normans" and first.question == "In what country is Normandy located?"
+    assert first.answers[0] == "France"
     assert all(item.answers and all(answer in item.context for answer in item.answers) for item in answerable)
     assert all(item.answers == () for item in items if item.is_impossible)
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from vllm_compact.models import cli as models_cli
-from vllm_compact.models import fetch, registry
+from vllm_compact.models import fetch, registry, tiny
 from vllm_compact.models.convert import check_gguf
 from vllm_compact.models.fetch import FetchError, MARKER_NAME, build_atomically, cache_home, is_complete, sha256_of
 from vllm_compact.models.registry import DEFAULT_MODEL, MODELS, UnknownModelError, ensure_model, model_path
@@ -136,6 +137,30 @@ def test_killed_build_is_not_complete_and_is_redone(tmp_path):
     assert is_complete(target) and list(tmp_path.glob(".model.partial-*")) == []
 
 
+def test_concurrent_fetches_build_once(tmp_path):
+    target, builds, release = tmp_path / "model", [], threading.Event()
+
+    def slow_build(work):
+        builds.append(work)
+        assert release.wait(30)
+        (work / "config.json").write_text("{}")
+        return {}
+
+    first = threading.Thread(target=build_atomically, args=(target, slow_build))
+    first.start()
+    while not builds:
+        time.sleep(0.01)
+    second_result: list[Path] = []
+    second = threading.Thread(target=lambda: second_result.append(build_atomically(target, slow_build)))
+    second.start()
+    time.sleep(0.3)
+    assert second_result == []  # waiting on the first builder's lock, not building a second copy
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert second_result == [target] and len(builds) == 1 and is_complete(target)
+
+
 # ---------------------------------------------------------------- download checks
 
 
@@ -220,6 +245,25 @@ def test_tiny_weights_are_a_function_of_the_seed(tiny_dir, tmp_path):
     assert torch.equal(seed0["lm_head.weight"], random_weights(shapes, 0, [])["lm_head.weight"])
 
 
+def test_tiny_without_essays_keeps_the_weights(tiny_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(tiny, "tokenizer_corpus", lambda: (tiny.FALLBACK_CORPUS, "built-in text"))
+    fallback = tmp_path / "fallback"
+    fallback.mkdir()
+    assert build_tiny_model(fallback, seed=0)["tokenizer_corpus"] == "built-in text"
+    used = len(AutoTokenizer.from_pretrained(fallback))
+    assert 300 < used < VOCAB_SIZE
+    ours, theirs = load_file(fallback / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        if name != "lm_head.weight":
+            assert torch.equal(ours[name], theirs[name]), name
+    assert torch.equal(ours["lm_head.weight"][3:used], theirs["lm_head.weight"][3:used])
+    assert not ours["lm_head.weight"][used:].any()  # ids the small vocabulary never produces: never predicted
+
+
 def test_tiny_config_and_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
@@ -242,7 +286,8 @@ def _reference_llama_logits(weights: dict[str, torch.Tensor], config: dict, ids:
     """Plain float64 Llama forward (RMSNorm, rotate-half RoPE, causal GQA attention, SwiGLU), written from the
     architecture's definition, to check what the saved weights and config mean."""
     w = {name: tensor.double() for name, tensor in weights.items()}
-    eps, heads, kv_heads, dim = config["rms_norm_eps"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    eps, dim = config["rms_norm_eps"], config["head_dim"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
     def rms(x, gain):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * gain

@@ -276,3 +276,16 @@ def test_unknown_method_and_option_are_rejected() -> None:
     batch.budget = torch.tensor([9])
     with pytest.raises(ValueError, match="budget"):
         compact_heads(batch, "snapkv")
+
+
+def test_omp_drop_and_refill_keeps_budgets() -> None:
+    """A high drop threshold forces drop/exclude/refill rounds; budgets, distinct keys and weights survive."""
+    batch = clustered_batch(heads=3, n_keys=40, n_queries=80, dim=8, clusters=4, seed=101, budget=10)
+    batch.budget = torch.tensor([10, 35, 40])  # 40 = every key: nothing can be refilled, so nothing is dropped
+    plain = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_rounds=0)
+    dropped = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_log_weight=0.0, drop_rounds=3)
+    assert_well_formed(dropped, batch, "am-omp")
+    assert not torch.equal(plain.indices[0], dropped.indices[0])
+    assert dropped.head(2)[0].tolist() == list(range(40))
+    assert bool((dropped.beta[torch.isfinite(dropped.beta)] >= math.log(1e-12) - 1e-3).all())
+    assert bool((dropped.beta[torch.isfinite(dropped.beta)] <= 7.0 + 1e-3).all())

@@ -10,8 +10,11 @@ import pytest
 from vllm_compact.engine.stats_file import (
     SECONDS_BUCKETS,
     StatsFileWriter,
+    WorkerStatsFileWriter,
     read_stats_file,
     seconds_histogram,
+    worker_stats,
+    worker_stats_path,
     write_stats_file,
 )
 from tests.serving.stats_payloads import snapshot
@@ -101,3 +104,48 @@ def test_writer_from_env(monkeypatch, tmp_path):
     assert StatsFileWriter.from_env() is None
     monkeypatch.setenv("VLLM_COMPACT_STATS_PATH", str(tmp_path / "x.json"))
     assert StatsFileWriter.from_env().path == tmp_path / "x.json"
+
+
+def test_an_unwritten_finish_forces_the_next_write(tmp_path, monkeypatch):
+    clock = [50.0]
+    monkeypatch.setattr("vllm_compact.engine.stats_file.time.time", lambda: clock[0])
+    writer = StatsFileWriter(tmp_path / "s.json", min_interval_s=0.5)
+    writer.track_request("a", 10, 10, 0)
+    assert writer.maybe_write(snapshot)
+    clock[0] += 0.01
+    writer.finish_request("a", 11, 11, 0)
+    assert writer.maybe_write(snapshot)  # within the interval, but a finish is pending
+    assert read_stats_file(tmp_path / "s.json")["requests"]["a"]["finished"] is True
+    clock[0] += 0.01
+    assert not writer.maybe_write(snapshot)  # nothing pending any more
+
+
+def test_the_worker_file_becomes_the_worker_section(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    write_stats_file(path, {**snapshot(), "updated": 1.0, "requests": {}})
+    assert read_stats_file(path)["worker"]["compactions"] == 0
+    monkeypatch.setenv("VLLM_COMPACT_STATS_PATH", str(path))
+    assert WorkerStatsFileWriter.from_env(rank=1) is None  # only rank 0 writes
+    writer = WorkerStatsFileWriter.from_env(rank=0)
+    stats = worker_stats(compactions=2, failures=1, heads_fell_back=3, seconds=[0.02, 0.3], reservoir_bytes=512)
+    assert writer.maybe_write(lambda: stats)
+    assert not writer.maybe_write(lambda: stats)  # throttled
+    assert writer.maybe_write(lambda: {**stats, "compactions": 3}, force=True)
+    assert worker_stats_path(path).is_file()
+    got = read_stats_file(path)["worker"]
+    assert got == {**stats, "compactions": 3}
+    assert got["seconds_total"] == pytest.approx(0.32)
+    assert sum(got["seconds_hist"]["counts"]) == 2
+
+
+def test_the_workers_counters_convert_as_they_are():
+    """The contract with the worker: `worker_stats(**asdict(state.stats))`."""
+    from dataclasses import asdict
+
+    from vllm_compact.engine.stats import WorkerCompactionStats
+
+    counters = WorkerCompactionStats(compactions=4, failures=1, heads_fell_back=2, seconds=[0.5, 0.25],
+                                     reservoir_bytes=64)
+    got = worker_stats(**asdict(counters))
+    assert (got["compactions"], got["failures"], got["heads_fell_back"], got["reservoir_bytes"]) == (4, 1, 2, 64)
+    assert got["seconds_total"] == 0.75 and sum(got["seconds_hist"]["counts"]) == 2

@@ -14,8 +14,10 @@ from torch import Tensor
 from vllm_compact.am.types import HeadBatch
 
 NEG_INF = float("-inf")
-# fp32 elements of one logits tile of the reference pass (2 MiB): small enough to stay in a CPU core's L2.
-REFERENCE_TILE_ELEMENTS = 1 << 19
+# fp32 elements of one logits tile of the reference pass: 2 MiB stays in a CPU core's L2 (measured ~1.5x faster
+# than 16 MiB tiles); a GPU wants few large launches instead.
+CPU_TILE_ELEMENTS = 1 << 19
+GPU_TILE_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -102,8 +104,9 @@ def reference_attention(batch: HeadBatch, visibility: Visibility) -> ReferenceAt
     row_max = torch.full((heads, n_queries), NEG_INF, device=device)
     lse = torch.full((heads, n_queries), NEG_INF, device=device)
     output = torch.zeros(heads, n_queries, values.shape[2], device=device)
-    rows_per_tile = max(1, REFERENCE_TILE_ELEMENTS // n_keys)
-    heads_per_tile = max(1, REFERENCE_TILE_ELEMENTS // (n_keys * max(1, n_queries)))
+    tile_elements = GPU_TILE_ELEMENTS if device.type == "cuda" else CPU_TILE_ELEMENTS
+    rows_per_tile = max(1, tile_elements // n_keys)
+    heads_per_tile = max(1, tile_elements // (n_keys * max(1, n_queries)))
     for h0 in range(0, heads, heads_per_tile):
         hs = slice(h0, min(heads, h0 + heads_per_tile))
         for r0 in range(0, n_queries, rows_per_tile):

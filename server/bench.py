@@ -1,0 +1,23 @@
+"""`vllm-compact bench am|needle|throughput`: each benchmark writes JSON + markdown under bench/results/."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHMARKS = {
+    "am": "vllm_compact.benchmarks.am",
+    "needle": "vllm_compact.benchmarks.needle",
+    "throughput": "vllm_compact.benchmarks.throughput",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        print("usage: vllm-compact bench {am,needle,throughput} [--help]\n\n"
+              "  am          compaction quality and speed on captured SmolLM2 tensors\n"
+              "  needle      needle-in-a-haystack accuracy and log-perplexity through the engine\n"
+              "  throughput  concurrent long requests with compaction off vs on", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
