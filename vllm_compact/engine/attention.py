@@ -174,9 +174,17 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             out[index] = plain_out
         layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
         pages = compact_page_view(kv_cache)
+        decodes = [v for v in info.compacted if v.query_len == 1]
+        if decodes:
+            rows = torch.tensor([v.query_start for v in decodes])
+            out[rows] = self._compacted_decode(query[rows], kv_cache, pages, layout, decodes).to(output.dtype)
         for view in info.compacted:
+            if view.query_len == 1:
+                continue
             rows = slice(view.query_start, view.query_start + view.query_len)
-            out[rows] = self._compacted_attention(query[rows], kv_cache, pages, layout, view).to(output.dtype)
+            segments = self._segment_attention(query[rows], pages, [view], [view.query_len])
+            tail = self._tail_attention(query[rows], kv_cache, layout, view)
+            out[rows] = merge_attention(*tail, *segments)[0].to(output.dtype)
         return output
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
@@ -186,25 +194,58 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             reservoir = state.reservoir(req_id, self.num_heads, self.head_size, query.dtype)
             reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
 
-    def _compacted_attention(self, query, kv_cache, pages, layout, view: CompactedRequestView) -> torch.Tensor:
+    def _tail_attention(self, query, kv_cache, layout, view: CompactedRequestView):
         keys, values = layout.read(kv_cache, view.tail_block_ids)
-        keys, values = keys[:, : view.tail_len], values[:, : view.tail_len]
-        tail_out, tail_lse = tail_attention(query, keys, values, self.scale)
-        seg = view.segment
+        return tail_attention(query, keys[:, : view.tail_len], values[:, : view.tail_len], self.scale)
+
+    def _segment_attention(self, query, pages, views: list[CompactedRequestView], query_lens: list[int]):
+        """Bias-aware attention of each view's queries over its compact segment, all views in one call."""
         layer = self._layer_index
-        seg_out, seg_lse = compact_attention(
+        betas = [v.segment.beta[layer] for v in views]
+        beta_start = torch.tensor([0] + [b.numel() for b in betas[:-1]], dtype=torch.int64).cumsum(0)
+        longest = max(v.segment.page_ids.numel() for v in views)
+        block_table = torch.zeros(len(views), longest, dtype=torch.int32)
+        for i, v in enumerate(views):
+            block_table[i, : v.segment.page_ids.numel()] = v.segment.page_ids
+        query_req = torch.repeat_interleave(torch.arange(len(views), dtype=torch.int32), torch.tensor(query_lens))
+        out, lse = compact_attention(
             query,
             pages,
-            seg.beta[layer],
-            seg.page_ids.view(1, -1),
-            torch.zeros(1, dtype=torch.int64),
-            seg.head_start[layer].view(1, -1),
-            seg.head_len[layer].view(1, -1),
-            torch.zeros(query.shape[0], dtype=torch.int32),
+            torch.cat(betas),
+            block_table,
+            beta_start,
+            torch.stack([v.segment.head_start[layer] for v in views]),
+            torch.stack([v.segment.head_len[layer] for v in views]),
+            query_req,
             self.scale,
         )
-        merged, _ = merge_attention(tail_out, tail_lse, seg_out.float(), seg_lse)
-        return merged
+        return out.float(), lse
+
+    def _compacted_decode(self, query, kv_cache, pages, layout, views: list[CompactedRequestView]):
+        """One query token per request: every request's tail in one padded batch, every segment in one call."""
+        num_kv_heads = kv_cache.shape[1]
+        block_size = kv_cache.shape[2]
+        counts = [v.tail_block_ids.numel() for v in views]
+        keys, values = layout.read(kv_cache, torch.cat([v.tail_block_ids for v in views]))  # [Hkv, sum*bs, D]
+        longest = max(counts) * block_size
+        padded_k = keys.new_zeros(len(views), num_kv_heads, longest, self.head_size)
+        padded_v = torch.zeros_like(padded_k)
+        valid = torch.zeros(len(views), longest, dtype=torch.bool)
+        start = 0
+        for i, (v, n) in enumerate(zip(views, counts)):
+            padded_k[i, :, : v.tail_len] = keys[:, start : start + v.tail_len]
+            padded_v[i, :, : v.tail_len] = values[:, start : start + v.tail_len]
+            valid[i, : v.tail_len] = True
+            start += n * block_size
+        group = self.num_heads // num_kv_heads
+        q = query.float().view(len(views), num_kv_heads, group, self.head_size)
+        logits = torch.einsum("rhgd,rhtd->rhgt", q, padded_k.float()) * self.scale
+        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)  # every tail holds at least the query's own token
+        tail_out = torch.einsum("rhgt,rhtd->rhgd", torch.exp(logits - lse[..., None]), padded_v.float())
+        tail_out = tail_out.reshape(len(views), self.num_heads, self.head_size)
+        seg_out, seg_lse = self._segment_attention(query, pages, views, [1] * len(views))
+        return merge_attention(tail_out, lse.reshape(len(views), self.num_heads), seg_out, seg_lse)[0]
 
 
 class CompactionCPUAttentionBackend(CPUAttentionBackend):

@@ -22,10 +22,12 @@ class StockBlockLayout:
 
     def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of whole blocks: [Hkv, len(block_ids) * bs, D] each, in token order."""
-        flat = kv_cache[block_ids].reshape(len(block_ids), -1)
-        keys = flat[:, self.key_index]      # [n, Hkv, bs, D]
-        values = flat[:, self.value_index]
+        flat = kv_cache.view(kv_cache.shape[0], -1)
+        rows = block_ids.view(-1, 1)
         num_kv_heads, block_size, head_dim = self.key_index.shape
+        shape = (len(block_ids), num_kv_heads, block_size, head_dim)
+        keys = flat[rows, self.key_index.view(1, -1)].view(shape)  # one gather, no copy of whole blocks
+        values = flat[rows, self.value_index.view(1, -1)].view(shape)
         keys = keys.permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)
         values = values.permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)
         return keys, values
