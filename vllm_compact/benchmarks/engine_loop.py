@@ -33,6 +33,8 @@ def make_engine(model: str, compaction: dict | None, **engine_kwargs):
     """An in-process LLM with compaction configured from a dict of CompactionConfig fields (None = stock)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # A fixed KV budget (GiB) instead of vLLM's CPU default of reserving 92% of the machine's memory.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm_compact.vllm_compat import patch_vllm_version
 
     patch_vllm_version()

@@ -40,7 +40,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_job(job: dict) -> dict:
     """One engine configuration in this process: all needle prompts and continuations."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
