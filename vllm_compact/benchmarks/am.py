@@ -13,6 +13,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -263,21 +264,35 @@ def _target_omp_mass(rows: list[Row], source: str) -> Target:
                   ok and bool(parts), "; ".join(parts) or "no am-omp row with an am-highest-attention row beside it")
 
 
-def _target_compaction_time(rows: list[Row], source: str) -> Target:
+def _target_compaction_time(rows: list[Row], source: str, timing: dict | None) -> Target:
     name = f"am-highest-attention compaction at 10x <= 25% of prefill (queries={source})"
-    am = _find(rows, "am-highest-attention", 10.0, source)
-    if am is None:
-        return Target(name, False, "no am-highest-attention row at 10x")
-    share = am.compact_seconds / am.prefill_seconds
-    return Target(name, share <= 0.25,
-                  f"{am.compact_seconds:.2f} s vs prefill {am.prefill_seconds:.2f} s ({share:.0%})")
+    if timing:  # measured back to back at the end: both sides see the same machine load
+        compact, prefill, how = timing["compact_seconds"], timing["prefill_seconds"], " (timed back to back)"
+    else:
+        am = _find(rows, "am-highest-attention", 10.0, source)
+        if am is None:
+            return Target(name, False, "no am-highest-attention row at 10x")
+        compact, prefill, how = am.compact_seconds, am.prefill_seconds, ""
+    share = compact / prefill
+    return Target(name, share <= 0.25, f"{compact:.2f} s vs prefill {prefill:.2f} s ({share:.0%}){how}")
 
 
-def check_targets(rows: list[Row]) -> list[Target]:
+def check_targets(rows: list[Row], timing: dict | None = None) -> list[Target]:
     """The three targets, judged on the query source where am-highest-attention does best at 10x/20x."""
     source = best_source(rows, TARGET_RATIOS) or (rows[0].queries if rows else "-")
     return [_target_error_vs_snapkv(rows, source), _target_omp_mass(rows, source),
-            _target_compaction_time(rows, source)]
+            _target_compaction_time(rows, source, timing)]
+
+
+def timing_check(cap: CapturedTensors, source: str, args, options: dict,
+                 prefill_again: Callable[[], PrefillTiming]) -> dict:
+    """Span prefill and the am-highest-attention 10x compaction of all heads, timed one right after the other."""
+    prefill = prefill_again()
+    batch = build_batch(cap, source, 10.0, args.max_queries)
+    started = time.perf_counter()
+    compact_heads(batch, "am-highest-attention", **options)
+    return {"queries": source, "prefill_seconds": prefill.seconds, "prefill_engine": prefill.engine,
+            "compact_seconds": time.perf_counter() - started}
 
 
 def measure_prefill(args, model_dir: Path, model, span_ids: torch.Tensor) -> PrefillTiming:
@@ -316,8 +331,6 @@ def main(argv: list[str] | None = None) -> int:
           f"in {cap.seconds:.1f} s", flush=True)
     prefill = measure_prefill(args, model_dir, model, layout.span)
     print(f"prefill of {cap.span_tokens} tokens: {prefill.seconds:.3f} s ({prefill.engine})", flush=True)
-    del model
-
     reference = heldout_reference(cap.keys.flatten(0, 1), cap.values.flatten(0, 1),
                                   cap.queries["heldout"].flatten(0, 1), cap.scale)
     meta = {
@@ -384,7 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     for run in omp_best + other_runs + omp_other:
         execute(*run)
     progress.close()
-    for target in check_targets(rows):
+    source = best_source(rows, TARGET_RATIOS)
+    if source is not None and not (args.time_limit and time.perf_counter() - started > args.time_limit):
+        meta["timing_check"] = timing_check(cap, source, args, options,
+                                            lambda: measure_prefill(args, model_dir, model, layout.span))
+    meta["total_seconds"] = time.perf_counter() - started
+    targets = check_targets(rows, meta.get("timing_check"))
+    write_results(args.out, meta, rows, skipped, targets)
+    for target in targets:
         print(f"{'PASS' if target.passed else 'FAIL'}: {target.name}: {target.detail}")
     print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')} "
           f"({meta['total_seconds']:.0f} s)")

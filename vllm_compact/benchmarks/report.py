@@ -45,9 +45,20 @@ def _header(meta: dict) -> list[str]:
         f"{meta['am_options'] or 'defaults'}",
         f"- capture {meta['capture_seconds']:.1f} s; span prefill {meta['prefill_seconds']:.3f} s "
         f"({meta['prefill_engine']}: {meta['prefill_note']}); total run {meta['total_seconds']:.0f} s",
+        *_timing_line(meta),
         "- errors are means over all heads of the span-restricted attention on held-out queries: output = "
         "||O_c - O||/||O||, mass = mean |M_c - M|/M; compact s = one compact_heads call on all heads",
     ]
+
+
+def _timing_line(meta: dict) -> list[str]:
+    timing = meta.get("timing_check")
+    if not timing:
+        return []
+    return [f"- timing check at the end, back to back (queries={timing['queries']}): span prefill "
+            f"{timing['prefill_seconds']:.3f} s ({timing['prefill_engine']}), am-highest-attention 10x compaction of "
+            f"all heads {timing['compact_seconds']:.2f} s; per-row compact/prefill seconds were taken at different "
+            "times and machine load (other jobs shared this 2-core machine)"]
 
 
 def write_markdown(path: Path, meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]) -> None:

@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     p.add_argument("--out", default="bench/results/throughput.json")
+    p.add_argument("--decode-overhead", action="store_true",
+                   help="instead: decode speed of stock vLLM vs compaction enabled but never triggered "
+                        "(writes bench/results/decode_overhead.json)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs per engine for --decode-overhead")
     p.add_argument("--job", help=argparse.SUPPRESS)
     return p
 
@@ -63,6 +67,56 @@ def _run_job(job: dict) -> dict:
     outputs, stats = run_requests(llm, prompts, params)
     done = sum(len(o.outputs[0].token_ids) == job["max_tokens"] for o in outputs.values())
     return {"completed": done, "pool_blocks": blocks, "stats": stats_dict(stats)}
+
+
+def _run_decode_job(job: dict) -> dict:
+    """Decode tokens per second of one engine (stock, or compaction enabled with an unreachable trigger)."""
+    from vllm import SamplingParams
+
+    from vllm_compact.benchmarks.engine_loop import make_engine
+
+    compaction = {"trigger_tokens": 10**9} if job["compaction"] else None
+    llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=4096, seed=0)
+    prompts = [{"prompt_token_ids": [100 + (7 * i + j) % 1000 for j in range(job["prompt_tokens"])]}
+               for i in range(job["requests"])]
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    prefill = SamplingParams(temperature=0.0, max_tokens=1)
+    t0 = time.perf_counter()
+    llm.generate(prompts, prefill, use_tqdm=False)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    total_s = time.perf_counter() - t0
+    # Decode time = full generation minus the same prefill measured alone.
+    return {"decode_tokens_per_s": job["requests"] * (job["max_tokens"] - 1) / max(1e-9, total_s - prefill_s)}
+
+
+def _decode_overhead(args, model: str) -> int:
+    from vllm_compact.benchmarks.engine_loop import run_isolated
+
+    speeds: dict[str, list[float]] = {"stock": [], "enabled, untriggered": []}
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
+        for name, compaction in (("stock", False), ("enabled, untriggered", True)):
+            job = {"model": model, "compaction": compaction, "requests": 8, "prompt_tokens": 512, "max_tokens": 128}
+            speeds[name].append(run_isolated(MODULE, {"decode": True, **job})["decode_tokens_per_s"])
+    best = {k: max(v) for k, v in speeds.items()}
+    ratio = best["enabled, untriggered"] / best["stock"]
+    rows = [{"engine": k, "decode_tokens_per_s": best[k], "runs": v} for k, v in speeds.items()]
+    out = Path(args.out).with_name("decode_overhead.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    md = ["# Decode speed: stock vLLM vs compaction enabled but not triggered", "",
+          f"Command: `vllm-compact bench throughput --decode-overhead --repeats {args.repeats}` (8 requests x 512-token "
+          f"prompts, 128 generated tokens, best of {args.repeats} alternating runs); model {args.model}; "
+          f"{platform.machine()} CPU x{os.cpu_count()}.", "",
+          "| engine | decode tokens/s (best) | all runs |", "|---|---|---|"]
+    md += [f"| {r['engine']} | {r['decode_tokens_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in r['runs'])} |"
+           for r in rows]
+    md += ["", f"Target: within 3% of stock: {ratio:.3f}x {'PASS' if ratio >= 0.97 else 'FAIL'}"]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(out.with_suffix(".md").read_text())
+    return 0
 
 
 def _row(job: dict, result: dict) -> dict:
@@ -116,12 +170,16 @@ def _markdown(rows: list[dict], args) -> str:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.job:
-        Path(args.out).write_text(json.dumps(_run_job(json.loads(args.job))))
+        job = json.loads(args.job)
+        result = _run_decode_job(job) if job.get("decode") else _run_job(job)
+        Path(args.out).write_text(json.dumps(result))
         return 0
     from vllm_compact.benchmarks.engine_loop import run_isolated
     from vllm_compact.server.serve import resolve_model
 
     model = resolve_model(args.model)
+    if args.decode_overhead:
+        return _decode_overhead(args, model)
     rows = []
     for compaction in (False, True):
         job = {"model": model, "compaction": compaction, "requests": args.requests,
