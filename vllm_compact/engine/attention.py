@@ -129,25 +129,37 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return token_index, plain
 
 
+def _fused_attention_with_lse():
+    """torch's CPU flash attention returns the log-sum-exp too; absent in some builds, then plain matmuls."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def tail_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a request's last `nq` tokens over its physical tail, with log-sum-exp.
 
-    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens.
+    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens. The GQA group is
+    folded into the query rows, so every KV head is read once.
     """
     nq, num_heads, dim = query.shape
     num_kv_heads, tail_len, _ = keys.shape
     group = num_heads // num_kv_heads
-    q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3)  # [Hkv, G, nq, D]
-    logits = torch.matmul(q, keys.float().transpose(1, 2).unsqueeze(1)) * scale  # [Hkv, G, nq, t]
-    visible_until = torch.arange(tail_len - nq, tail_len).view(nq, 1)
-    mask = torch.arange(tail_len).view(1, tail_len) > visible_until
-    logits = logits.masked_fill(mask, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G, nq]
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float().unsqueeze(1))  # [Hkv, G, nq, D]
-    out = out.permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
-    lse = lse.permute(2, 0, 1).reshape(nq, num_heads)
+    q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
+    hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
+    fused = _fused_attention_with_lse()
+    if fused is not None:
+        mask = torch.zeros(nq, tail_len).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+        out, lse = fused(q[None], keys.float()[None], values.float()[None], 0.0, False, attn_mask=mask[None, None],
+                         scale=scale)[:2]
+        out, lse = out[0], lse[0]
+    else:
+        logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale  # [Hkv, G*nq, t]
+        logits = logits.masked_fill(hidden.repeat(group, 1), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
+    out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
+    lse = lse.view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_heads)
     return out, lse
 
 
