@@ -148,7 +148,7 @@ def main(argv: list[str]) -> int:
     model = resolve_model(args.model)
     configs = [("none", 1.0)] if "none" in args.methods else []
     configs += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
-    rows = []
+    rows = _previous_rows(Path(args.out), configs, args)
     started = time.perf_counter()
     for method, ratio in tqdm(configs, desc="needle configs", file=sys.stderr):
         job = {"model": model, "method": method, "ratio": ratio, "contexts": args.contexts, "depths": args.depths,
@@ -158,10 +158,26 @@ def main(argv: list[str]) -> int:
         for ctx, r in result["rows"].items():
             rows.append({"method": method, "ratio": ratio, "context_tokens": int(ctx),
                          "needle_accuracy": r["hits"] / r["total"], "logppl": r["logppl"], "hits": r["hits"],
-                         "prompts": r["total"], "wall_seconds": result["stats"]["wall_seconds"]})
+                         "prompts": r["total"], "wall_seconds": result["stats"]["wall_seconds"],
+                         "settings": _settings(args)})
         _write(rows, args, time.perf_counter() - started)  # partial results survive an interruption
     print(Path(args.out).with_suffix(".md").read_text())
     return 0
+
+
+def _previous_rows(out: Path, configs: list[tuple[str, float]], args) -> list[dict]:
+    """Rows of earlier runs with the same contexts and settings, except the configurations run again now."""
+    if not out.is_file():
+        return []
+    rows = json.loads(out.read_text())
+    same = [r for r in rows if r.get("settings") == _settings(args)]
+    return [r for r in same if (r["method"], r["ratio"]) not in configs]
+
+
+def _settings(args) -> dict:
+    return {"model": args.model, "chunk": args.chunk, "trigger": args.trigger, "recent": args.recent,
+            "protected": args.protected, "depths": args.depths, "continuation_tokens": args.continuation_tokens,
+            "seed": args.seed}
 
 
 def _write(rows: list[dict], args, elapsed: float) -> None:
