@@ -14,7 +14,7 @@ import torch
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-def run_scenario(scenario: dict, tmp_path: Path, timeout: int = 600) -> dict:
+def run_scenario(scenario: dict, tmp_path: Path, timeout: int = 1800) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "scenario.json"
     out = tmp_path / "result.pt"

@@ -413,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_results(out: Path, meta: dict, rows: list[Row], skipped: list[Skipped], targets: list[Target]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
+    sources = list(dict.fromkeys(r.queries for r in rows))
+    ordered = sorted(rows, key=lambda r: (sources.index(r.queries), METHODS.index(r.method), r.ratio))
     document = {
         "meta": meta,
-        "rows": [asdict(r) for r in rows],
+        "rows": [asdict(r) for r in ordered],
         "skipped": [asdict(s) for s in skipped],
         "targets": [asdict(t) for t in targets],
     }

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     p.add_argument("--out", default="bench/results/throughput.json")
+    p.add_argument("--modes", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="which runs to do; rows of the other mode are kept from an earlier run of the same settings")
     p.add_argument("--decode-overhead", action="store_true",
                    help="instead: decode speed of stock vLLM vs compaction enabled but never triggered "
                         "(writes bench/results/decode_overhead.json)")
@@ -167,6 +169,20 @@ def _markdown(rows: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("model", "requests", "prompt_tokens", "max_tokens", "pool_contexts",
+                                          "ratio", "method", "trigger", "recent", "block_size", "chunk")}
+
+
+def _previous_rows(out: Path, args) -> list[dict]:
+    if not out.is_file():
+        return []
+    rows = json.loads(out.read_text())
+    # Rows from before settings were recorded carry none; they were made with the defaults.
+    defaults = _settings(_parser().parse_args([]))
+    return [r for r in rows if r.get("settings", defaults) == _settings(args)]
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.job:
@@ -180,14 +196,16 @@ def main(argv: list[str]) -> int:
     model = resolve_model(args.model)
     if args.decode_overhead:
         return _decode_overhead(args, model)
-    rows = []
-    for compaction in (False, True):
+    rows = _previous_rows(Path(args.out), args)
+    for compaction in (mode == "on" for mode in args.modes):
         job = {"model": model, "compaction": compaction, "requests": args.requests,
                "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                "pool_contexts": args.pool_contexts, "ratio": args.ratio, "method": args.method,
                "trigger": args.trigger, "recent": args.recent, "block_size": args.block_size, "chunk": args.chunk}
         print(f"throughput: compaction {'on' if compaction else 'off'} ...", file=sys.stderr, flush=True)
-        rows.append(_row(job, run_isolated(MODULE, job)))
+        rows = [r for r in rows if r["compaction"] != ("on" if compaction else "off")]
+        rows.append({**_row(job, run_isolated(MODULE, job)), "settings": _settings(args)})
+        rows.sort(key=lambda r: r["compaction"] == "on")
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))
