@@ -124,7 +124,7 @@ def _targets(rows: list[dict]) -> list[str]:
     am20 = _accuracy(rows, "am-highest-attention", 20.0)
     snap20 = _accuracy(rows, "snapkv", 20.0)
     checks = [
-        ("full context 15/15", full, lambda: full[0] == full[1]),
+        ("full context all correct (15/15 on the full grid)", full, lambda: full[0] == full[1]),
         ("AM at 10x >= 14/15", am10, lambda: am10[0] >= math.ceil(am10[1] * 14 / 15)),
         ("AM at 20x >= 12/15", am20, lambda: am20[0] >= math.ceil(am20[1] * 12 / 15)),
         ("AM strictly above snapkv at 20x", am20 and snap20, lambda: am20[0] > snap20[0]),

@@ -84,20 +84,24 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     sources = _ordered(r["queries"] for r in rows)
     methods = [m for m in _ordered(r["method"] for r in rows) if m != "none"]
     figure, axes = plt.subplots(1, len(sources), figsize=(4.5 * len(sources), 4), sharey=True, squeeze=False)
+    colors = {method: f"C{index}" for index, method in enumerate(methods)}  # same colour in every panel
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"})
     for axis, source in zip(axes[0], sources):
         for method in methods:
             points = sorted((r["ratio"], r["output_rel_err"]) for r in rows
                             if r["queries"] == source and r["method"] == method and r["output_rel_err"] > 0)
             if points:
-                axis.plot(*zip(*points), marker="o", label=method)
+                axis.plot(*zip(*points), marker="o", label=method, color=colors[method])
         axis.set_xscale("log")
         axis.set_yscale("log")
+        axis.set_xticks(ratios, [f"{ratio:g}x" for ratio in ratios])
+        axis.minorticks_off()
         axis.set_title(f"queries = {source}")
         axis.set_xlabel("compaction ratio")
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("held-out output rel. error")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper right", fontsize=8)
-    figure.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
+    figure.tight_layout(rect=(0, 0, 0.9, 1))  # room on the right for the legend
+    figure.legend(handles=handles, loc="center right", fontsize=8)
     figure.savefig(path, dpi=120)
     plt.close(figure)
