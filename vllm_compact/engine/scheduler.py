@@ -8,10 +8,8 @@ step are compacted, and the worker executes the plans before the step writes any
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
-import torch
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
