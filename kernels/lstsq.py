@@ -8,6 +8,7 @@ finite solution are zeroed and reported in `failed`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,28 @@ def value_lstsq_ref(
     X_masked, Y_masked = system.masked()
     Xt = X_masked.transpose(1, 2)
     return solve_from_normal_equations(system, torch.bmm(Xt, X_masked), torch.bmm(Xt, Y_masked), ridge)
+
+
+def value_lstsq_path(
+    X: Tensor,
+    Y: Tensor,
+    ridges: Sequence[float | Tensor],
+    *,
+    col_mask: Tensor | None = None,
+    row_mask: Tensor | None = None,
+) -> list[LstsqResult]:
+    """One solution per relative ridge, all from one pair of normal equations (what choosing a ridge on held-out
+    rows needs: the gram is the expensive part, each extra ridge costs one Cholesky)."""
+    system = _system(X, Y, col_mask, row_mask)
+    if use_triton(X, Y):
+        X32, Y32 = X.float(), Y.float()
+        gram = transposed_product_triton(X32, None, system.row_valid)
+        xty = transposed_product_triton(X32, Y32, system.row_valid)
+    else:
+        X_masked, Y_masked = system.masked()
+        Xt = X_masked.transpose(1, 2)
+        gram, xty = torch.bmm(Xt, X_masked), torch.bmm(Xt, Y_masked)
+    return [solve_from_normal_equations(system, gram, xty, ridge) for ridge in ridges]
 
 
 def value_lstsq(

@@ -75,15 +75,16 @@ def test_random_batches_are_well_formed(batch: HeadBatch, method: str) -> None:
         assert bool(result.fell_back[no_queries].all())  # nothing to fit on: eviction
 
 
-def ridge_objective(X: torch.Tensor, C: torch.Tensor, Y: torch.Tensor, lam: float) -> float:
-    return float((X @ C - Y).square().sum() + lam * C.square().sum())
+def ridge_objective(X: torch.Tensor, C: torch.Tensor, Y: torch.Tensor, lam: float, prior: torch.Tensor) -> float:
+    return float((X @ C - Y).square().sum() + lam * (C - prior).square().sum())
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=head_batches())
-def test_highest_attention_selects_top_scores_and_solves_the_value_fit(batch: HeadBatch) -> None:
+@given(batch=head_batches(), shrink=st.booleans())
+def test_highest_attention_selects_top_scores_and_solves_the_value_fit(batch: HeadBatch, shrink: bool) -> None:
     ridge = 1e-3
-    result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, value_ridge=ridge)
+    result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, value_ridge=ridge,
+                           shrink_to_original=shrink)
     assert_well_formed(result, batch, "am-highest-attention")
     for h in range(batch.num_heads):
         inp = head_inputs(batch, h)
@@ -100,19 +101,55 @@ def test_highest_attention_selects_top_scores_and_solves_the_value_fit(batch: He
         bias = torch.zeros(len(indices)) if inp["bias"] is None else inp["bias"][indices]
         log_w = beta - bias
         assert bool((log_w >= -3.0 - 1e-4).all()) and bool((log_w <= 3.0 + 1e-4).all())
-        # C2 minimises the relative-ridge least squares for X = softmax(s Q C1^T + beta), Y = original output
+        # C2 minimises ||X C - Y||^2 + lam ||C - P||^2 for X = softmax(s Q C1^T + beta), Y = original output,
+        # P = the kept keys' original values (shrink) or 0, lam relative to trace(X^T X)
         logits = inp["scale"] * inp["queries"].double() @ keys.double().T + beta.double()[None, :]
         X = torch.softmax(logits, dim=1)
         Y, _ = original_attention(batch, h)
+        prior = batch.values[h, indices].double() if shrink else torch.zeros_like(values, dtype=torch.float64)
         lam = ridge * float(X.square().sum()) / X.shape[1]
-        optimum = torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1], dtype=torch.float64), X.T @ Y)
-        best = ridge_objective(X, optimum, Y, lam)
-        assert ridge_objective(X, values.double(), Y, lam) <= best * (1 + 1e-3) + 1e-6 * float(Y.square().sum())
+        eye = torch.eye(X.shape[1], dtype=torch.float64)
+        optimum = torch.linalg.solve(X.T @ X + lam * eye, X.T @ Y + lam * prior)
+        best = ridge_objective(X, optimum, Y, lam, prior)
+        got = ridge_objective(X, values.double(), Y, lam, prior)
+        assert got <= best * (1 + 1e-3) + 1e-6 * float(Y.square().sum())
+
+
+def test_value_ridge_is_chosen_on_the_held_out_rows() -> None:
+    """With held-out rows, each head's C2 does at least as well there as every single-ridge fit of the same keys."""
+    batch = clustered_values_batch(heads=6, n_keys=64, n_queries=96, dim=16, seed=11, budget=10)
+    grid = (1e-4, 1e-2, 1.0, 30.0)
+    rows = split_queries(torch.ones(6, 96, dtype=torch.bool), 0.25, 2)
+    chosen = compact_heads(batch, "am-highest-attention", seed=2, value_ridge=grid[0], ridge_grid=grid[1:])
+    singles = [compact_heads(batch, "am-highest-attention", seed=2, value_ridge=r, ridge_grid=()) for r in grid]
+    scale = float(batch.scale)
+    for h in range(6):
+        held = batch.queries[h, rows.heldout[h]]
+        target, _ = original_attention(batch, h, held)
+        errors = []
+        for result in (chosen, *singles):
+            indices, keys, beta, values = result.head(h)
+            assert torch.equal(indices, chosen.head(h)[0])  # the same keys: only the value fit differs
+            errors.append(held_out_error(held, keys, beta, values, target, scale))
+        assert errors[0] <= min(errors[1:]) * (1 + 1e-4) + 1e-9, (h, errors)
+
+
+def test_mass_prior_pulls_weights_to_the_uniform_rescaling() -> None:
+    """A huge mass_prior_ridge gives every kept key w = c = (span mass) / (kept mass) over the reference queries."""
+    batch = clustered_batch(heads=3, n_keys=48, n_queries=64, dim=16, clusters=5, seed=7, budget=8)
+    result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, mass_prior_ridge=1e6)
+    for h in range(3):
+        indices, _, beta, _ = result.head(h)
+        logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T
+        phi = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+        c = float(phi.sum() / phi[:, indices].sum())
+        expected = min(max(c, math.exp(-3)), math.exp(3))
+        assert torch.allclose(beta.double().exp(), torch.full_like(beta, expected, dtype=torch.float64), rtol=1e-3)
 
 
 def test_mass_fit_is_at_least_as_good_as_the_clamped_least_squares() -> None:
     batch = clustered_batch(heads=3, n_keys=48, n_queries=192, dim=16, clusters=5, seed=31, budget=12)
-    result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0)
+    result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, mass_prior_ridge=0.0)
     for h in range(3):
         indices, keys, beta, _ = result.head(h)
         logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T
@@ -213,7 +250,7 @@ def test_holdout_guard_keeps_whichever_is_better_on_the_held_out_queries() -> No
     """
     batch = clustered_values_batch(heads=8, n_keys=48, n_queries=48, dim=16, seed=5, budget=12)
     scale = float(batch.scale)
-    options = {"value_ridge": 0.45}
+    options = {"value_ridge": 0.45, "ridge_grid": (), "shrink_to_original": False}
     result = compact_heads(batch, "am-omp", holdout_fraction=0.25, seed=3, **options)
     rows = split_queries(torch.ones(8, 48, dtype=torch.bool), 0.25, 3)
     decisions = []

@@ -9,10 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vllm_compact.kernels._dispatch import TRITON_ENV
 from vllm_compact.kernels.lstsq import (
     FALLBACK_RIDGE,
     transposed_product_triton,
     value_lstsq,
+    value_lstsq_path,
     value_lstsq_ref,
     value_lstsq_triton,
 )
@@ -140,6 +142,29 @@ def test_triton_transposed_product_matches_float64(triton_device, other_cols):
     A_masked = A.double() * row_mask[:, :, None]
     expected = A_masked.transpose(1, 2) @ (A_masked if B is None else B.double())
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_ridge_path_matches_closed_form_for_every_ridge():
+    X, Y, col_mask, row_mask = random_system(5, 3, 40, 9, 4)
+    ridges = (1e-4, torch.tensor([1e-3, 1e-1, 1.0]), 10.0)
+    results = value_lstsq_path(X, Y, ridges, col_mask=col_mask, row_mask=row_mask)
+    assert len(results) == len(ridges)
+    for ridge, result in zip(ridges, results):
+        check_heads(result, X, Y, col_mask, row_mask, ridge)
+
+
+@pytest.mark.triton_kernel
+def test_triton_ridge_path_matches_reference(triton_device, monkeypatch):
+    X, Y, col_mask, row_mask = random_system(9, 2, 50, 30, 8)
+    ridges = (1e-3, 1e-1)
+    monkeypatch.setenv(TRITON_ENV, "0")
+    expected = value_lstsq_path(X, Y, ridges, col_mask=col_mask, row_mask=row_mask)
+    monkeypatch.setenv(TRITON_ENV, "1")  # the Triton normal equations also for CPU tensors (interpreter)
+    dev = triton_device
+    got = value_lstsq_path(X.to(dev), Y.to(dev), ridges, col_mask=col_mask.to(dev), row_mask=row_mask.to(dev))
+    for g, e in zip(got, expected):
+        scale = e.solution.abs().max()
+        torch.testing.assert_close(g.solution.cpu(), e.solution, rtol=1e-3, atol=1e-3 * scale)
 
 
 @pytest.mark.triton_kernel

@@ -90,10 +90,32 @@ class ReferenceAttention:
     row_max: Tensor  # [H,N] max visible logit (-inf for blind or invalid rows)
     lse: Tensor  # [H,N] natural-log logsumexp over visible keys (-inf for blind rows)
     output: Tensor  # [H,N,D] softmax(s Q K^T + bias) V (0 for blind rows)
+    key_scores: Tensor | None = None  # [H,K] attention of the scored rows reduced per key (when asked for)
 
 
-def reference_attention(batch: HeadBatch, visibility: Visibility) -> ReferenceAttention:
-    """Local output, lse and row max of the span, in cache-sized tiles of heads x queries."""
+SCORE_REDUCTIONS = ("rms", "mean", "max")
+
+
+@dataclass
+class ScoreRequest:
+    """Per-key scores to accumulate during the reference pass: `reduce` of the attention probabilities of `rows`."""
+
+    reduce: str  # rms | mean | max
+    rows: Tensor  # [H,N] bool: the queries whose attention is reduced (e.g. the fit rows)
+
+    def __post_init__(self) -> None:
+        if self.reduce not in SCORE_REDUCTIONS:
+            raise ValueError(f"reduce must be one of {SCORE_REDUCTIONS}, got {self.reduce!r}")
+
+
+def reference_attention(
+    batch: HeadBatch, visibility: Visibility, scores: ScoreRequest | None = None
+) -> ReferenceAttention:
+    """Local output, lse and row max of the span, in cache-sized tiles of heads x queries.
+
+    With `scores`, the same pass also reduces each key's attention probability over the requested rows (the
+    selection scores of highest-attention AM), so the logits are computed once instead of three times.
+    """
     heads, n_queries, _ = batch.queries.shape
     n_keys = batch.keys.shape[1]
     device = batch.device
@@ -104,6 +126,7 @@ def reference_attention(batch: HeadBatch, visibility: Visibility) -> ReferenceAt
     row_max = torch.full((heads, n_queries), NEG_INF, device=device)
     lse = torch.full((heads, n_queries), NEG_INF, device=device)
     output = torch.zeros(heads, n_queries, values.shape[2], device=device)
+    accum = None if scores is None else torch.zeros(heads, n_keys, device=device)
     tile_elements = GPU_TILE_ELEMENTS if device.type == "cuda" else CPU_TILE_ELEMENTS
     rows_per_tile = max(1, tile_elements // n_keys)
     heads_per_tile = max(1, tile_elements // (n_keys * max(1, n_queries)))
@@ -117,7 +140,25 @@ def reference_attention(batch: HeadBatch, visibility: Visibility) -> ReferenceAt
             tile_max, stabiliser = safe_row_max(logits)
             weights = logits.sub_(stabiliser[..., None]).exp_()
             total = weights.sum(dim=-1)
+            safe_total = torch.where(total > 0, total, 1.0)
             row_max[hs, rs] = tile_max
             lse[hs, rs] = stabiliser + torch.log(total)
-            output[hs, rs] = torch.bmm(weights, values[hs]) / torch.where(total > 0, total, 1.0)[..., None]
-    return ReferenceAttention(row_max=row_max, lse=lse, output=output)
+            output[hs, rs] = torch.bmm(weights, values[hs]) / safe_total[..., None]
+            if accum is not None:
+                # probabilities of the scored rows only (others zeroed; blind rows are all zero already)
+                probs = weights.mul_((scores.rows[hs, rs] / safe_total)[..., None])
+                accum[hs] = _accumulate(accum[hs], probs, scores.reduce)
+    key_scores = None
+    if accum is not None:
+        counted = (scores.rows & torch.isfinite(lse)).sum(dim=1).clamp(min=1).float()[:, None]
+        key_scores = accum if scores.reduce == "max" else accum / counted
+        key_scores = key_scores.sqrt_() if scores.reduce == "rms" else key_scores
+    return ReferenceAttention(row_max=row_max, lse=lse, output=output, key_scores=key_scores)
+
+
+def _accumulate(accum: Tensor, probs: Tensor, reduce: str) -> Tensor:
+    if reduce == "rms":
+        return accum + probs.square_().sum(dim=1)
+    if reduce == "mean":
+        return accum + probs.sum(dim=1)
+    return torch.maximum(accum, probs.amax(dim=1))

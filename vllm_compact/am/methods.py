@@ -13,7 +13,13 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from vllm_compact.am.attention import ReferenceAttention, Visibility, reference_attention, span_visibility
+from vllm_compact.am.attention import (
+    ReferenceAttention,
+    ScoreRequest,
+    Visibility,
+    reference_attention,
+    span_visibility,
+)
 from vllm_compact.am.fitting import (
     GuardDecision,
     QueryRows,
@@ -31,6 +37,7 @@ from vllm_compact.am.selection import (
     all_keys,
     attention_scores,
     gather_entries,
+    max_pool_positions,
     recency_scores,
     top_budget,
 )
@@ -129,16 +136,22 @@ class AttentionMatching(CompactionMethod):
     """Shared AM pipeline; subclasses only choose the keys.
 
     weight_bounds: bounds on w = exp(beta - existing bias) of the mass NNLS; pg_iters: its projected-gradient steps;
-    mass_ridge: relative ridge of its unconstrained least-squares start. value_ridge: relative ridge of the C2 fit.
-    holdout_fraction: share of the reference queries held out (seeded by `seed`) to compare, per head, the fit with
-    eviction of the same keys (0 = no comparison). chunk_elements: heads are solved in chunks of about this many
+    mass_ridge: relative ridge of its unconstrained least-squares start; mass_prior_ridge: pull of w towards the head's
+    uniform rescaling (am.fitting.fit_log_weights; 0 = the paper's plain NNLS). value_ridge: relative ridge of the C2 fit;
+    ridge_grid: further ridges tried, each head keeping the one with the lowest held-out error; shrink_to_original:
+    the ridge pulls C2 towards the kept keys' original values (else towards 0, as in the paper).
+    holdout_fraction: share of the reference queries held out (seeded by `seed`) to choose the ridge and to compare,
+    per head, the fit with eviction of the same keys (0 = no held-out rows: value_ridge alone, no comparison). chunk_elements: heads are solved in chunks of about this many
     query x key pairs (bounds memory).
     """
 
     weight_bounds: tuple[float, float] = (math.exp(-3.0), math.exp(3.0))
     pg_iters: int = 2
     mass_ridge: float = 1e-6
+    mass_prior_ridge: float = 0.1
     value_ridge: float = 1e-3
+    ridge_grid: tuple[float, ...] = (1e-2, 3e-2, 0.1, 0.3, 1.0)
+    shrink_to_original: bool = True
     holdout_fraction: float = 0.25
     seed: int = 0
     chunk_elements: int = 1 << 26
@@ -149,8 +162,12 @@ class AttentionMatching(CompactionMethod):
             raise ValueError(f"weight_bounds must satisfy 0 < lower <= upper, got {self.weight_bounds}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        if self.value_ridge < 0 or self.mass_ridge < 0:
+        if self.value_ridge < 0 or self.mass_ridge < 0 or self.mass_prior_ridge < 0 or any(r < 0 for r in self.ridge_grid):
             raise ValueError(f"ridges must be >= 0, got value_ridge={self.value_ridge}, mass_ridge={self.mass_ridge}")
+
+    def score_request(self, rows: QueryRows) -> ScoreRequest | None:
+        """Per-key scores select_keys needs from the reference pass (None: it needs none)."""
+        return None
 
     @abstractmethod
     def select_keys(
@@ -168,13 +185,15 @@ class AttentionMatching(CompactionMethod):
 
     def solve(self, batch: HeadBatch, rows: QueryRows) -> CompactedHeads:
         visibility = span_visibility(batch)
-        reference = reference_attention(batch, visibility)
+        reference = reference_attention(batch, visibility, self.score_request(rows))
         entries = gather_entries(batch, self.select_keys(batch, visibility, reference, rows))
         logits = entry_logits(batch, entries, visibility)
         log_weight = fit_log_weights(
-            logits, entries, reference, rows.fit, self.weight_bounds, self.pg_iters, self.mass_ridge
+            logits, entries, reference, rows.fit, self.weight_bounds, self.pg_iters, self.mass_ridge,
+            self.mass_prior_ridge,
         )
-        fit = fit_values(logits, log_weight, entries, reference, rows.fit, self.value_ridge)
+        ridges = (self.value_ridge, *self.ridge_grid)
+        fit = fit_values(logits, log_weight, entries, reference, rows, ridges, self.shrink_to_original)
         decision = judge(batch, entries, logits, log_weight, fit, reference, rows)
         return apply_guard(am_result(entries, log_weight, fit.values), decision, entries, batch)
 
@@ -204,10 +223,13 @@ class HighestAttention(AttentionMatching):
     reduce: str = "rms"
     pool_kernel: int = 0
 
+    def score_request(self, rows: QueryRows) -> ScoreRequest:
+        return ScoreRequest(self.reduce, rows.fit)  # scored on the fit rows only: held-out rows stay unseen
+
     def select_keys(
         self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
     ) -> Tensor:
-        scores = attention_scores(batch, self.reduce, self.pool_kernel)
+        scores = max_pool_positions(reference.key_scores, visibility.key_valid, self.pool_kernel)
         return top_budget(scores, visibility.key_valid, batch.budget_per_head())
 
 
