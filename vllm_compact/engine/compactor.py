@@ -125,7 +125,8 @@ class SegmentCompactor:
             if name != "recent" and int(batch.query_len.min()) == 0:
                 continue  # no reference queries for some head: only position-based eviction applies
             try:
-                result = compact_heads(batch, name)
+                options = {"value_ridge": self.state.config.value_ridge} if name.startswith("am-") else {}
+                result = compact_heads(batch, name, **options)
                 if i > 0:
                     self.state.stats.failures += 1
                 return result
