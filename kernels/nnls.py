@@ -4,6 +4,8 @@ min ||M w - m||^2 s.t. lower <= w <= upper, batched over heads. Recipe: unconstr
 equations, relative ridge, Cholesky; pinv where Cholesky fails) -> clamp to the bounds -> `pg_iters` projected-
 gradient steps w <- clamp(w - eta (G w - b)) with G = M^T M, b = M^T m and eta = 1 / sigma_max(M)^2 estimated by
 `power_iters` power iterations on G.
+
+An optional prior (lam [H], c [H,t]) adds lam ||w - c||^2 to the objective: G + lam I and b + lam c.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ def _col_valid(col_mask: Tensor | None, heads: int, cols: int, device: torch.dev
 def gram_and_rhs(M: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
     """G = M^T M [H,t,t], b = M^T m [H,t] (torch)."""
     return torch.bmm(M.transpose(1, 2), M), torch.bmm(M.transpose(1, 2), m[:, :, None])[:, :, 0]
+
+
+Prior = tuple[Tensor, Tensor]  # (lam [H], c [H,t]): adds lam ||w - c||^2 to the objective
+
+
+def add_prior(G: Tensor, b: Tensor, col_valid: Tensor, prior: Prior | None) -> tuple[Tensor, Tensor]:
+    """G + lam I and b + lam c on valid columns (the normal equations of the prior-regularised objective)."""
+    if prior is None:
+        return G, b
+    lam, target = prior
+    lam = torch.where(torch.isfinite(lam) & (lam > 0), lam.float(), 0.0)
+    diagonal = torch.where(col_valid, lam[:, None], 0.0)
+    G = G.clone()
+    G.diagonal(dim1=1, dim2=2).add_(diagonal)
+    return G, b + diagonal * torch.where(col_valid, target.float(), 0.0)
 
 
 def solve_regularised(G: Tensor, b: Tensor, col_valid: Tensor, ridge: float) -> Tensor:
@@ -94,12 +111,13 @@ def nnls_pg_ref(
     pg_iters: int = 2,
     power_iters: int = 3,
     ridge: float = 1e-6,
+    prior: Prior | None = None,
 ) -> Tensor:
     """Torch implementation (the CPU production path). Returns w [H,t] fp32, 0 at invalid columns."""
     heads, _, cols = M.shape
     M, m = _masked_system(M, m, col_mask, row_mask)
     col_valid = _col_valid(col_mask, heads, cols, M.device)
-    G, b = gram_and_rhs(M, m)
+    G, b = add_prior(*gram_and_rhs(M, m), col_valid, prior)
     w = solve_regularised(G, b, col_valid, ridge)
     w = replace_non_finite(w, lower, upper).clamp(lower, upper)
     if pg_iters > 0:
@@ -121,12 +139,13 @@ def nnls_pg(
     pg_iters: int = 2,
     power_iters: int = 3,
     ridge: float = 1e-6,
+    prior: Prior | None = None,
 ) -> Tensor:
     """Triton projected-gradient loop on CUDA tensors (or when forced), else the torch reference."""
     impl = nnls_pg_triton if use_triton(M, m) else nnls_pg_ref
     return impl(
         M, m, lower=lower, upper=upper, col_mask=col_mask, row_mask=row_mask,
-        pg_iters=pg_iters, power_iters=power_iters, ridge=ridge,
+        pg_iters=pg_iters, power_iters=power_iters, ridge=ridge, prior=prior,
     )
 
 
@@ -224,6 +243,7 @@ def nnls_pg_triton(
     pg_iters: int = 2,
     power_iters: int = 3,
     ridge: float = 1e-6,
+    prior: Prior | None = None,
 ) -> Tensor:
     """Triton gram (M^T M, M^T m streaming over N), torch Cholesky, Triton power + projected-gradient loop."""
     from vllm_compact.kernels.lstsq import transposed_product_triton
@@ -233,6 +253,7 @@ def nnls_pg_triton(
     M32 = torch.where(col_valid[:, None, :], M.float(), 0.0)  # an invalid column may hold NaN
     G = transposed_product_triton(M32, None, row_mask)
     b = transposed_product_triton(M32, m.float()[:, :, None], row_mask)[:, :, 0]
+    G, b = add_prior(G, b, col_valid, prior)
     w = solve_regularised(G, b, col_valid, ridge)
     w = replace_non_finite(w, lower, upper).clamp(lower, upper).contiguous()
     if cols == 0 or pg_iters <= 0:

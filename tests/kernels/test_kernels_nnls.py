@@ -74,6 +74,20 @@ def test_many_steps_reach_the_bounded_optimum():
     assert ((w == LOWER) | (w == UPPER)).any()  # some bound is active, so the clamp mattered
 
 
+def test_prior_equals_the_augmented_bounded_problem():
+    """lam ||w - c||^2 is the same as appending the rows sqrt(lam) I w = sqrt(lam) c (scipy's bounded optimum)."""
+    M, m = mass_problem(4, 2, 30, 5)
+    lam = torch.tensor([0.5, 20.0])
+    c = torch.tensor([[2.0] * 5, [0.3, 1.0, 4.0, 0.2, 9.0]])
+    w = nnls_pg_ref(M, m, lower=LOWER, upper=UPPER, pg_iters=4000, power_iters=20, ridge=0.0, prior=(lam, c))
+    for h in range(2):
+        root = math.sqrt(float(lam[h]))
+        A = np.vstack([M[h].double().numpy(), root * np.eye(5)])
+        y = np.concatenate([m[h].double().numpy(), root * c[h].double().numpy()])
+        best = lsq_linear(A, y, bounds=(LOWER, UPPER), tol=1e-12).x
+        np.testing.assert_allclose(w[h].numpy(), best, rtol=1e-3, atol=1e-3)
+
+
 def test_inside_bounds_equals_least_squares():
     M, m = mass_problem(2, 2, 30, 4, spread=0.2)
     w = nnls_pg_ref(M, m, lower=1e-12, upper=1e3, pg_iters=2, ridge=0.0)
@@ -132,6 +146,17 @@ def test_triton_matches_reference(triton_device, pg_iters, power_iters):
     got = nnls_pg_triton(M.to(dev), m.to(dev), col_mask=col_mask.to(dev), row_mask=row_mask.to(dev), **kwargs)
     torch.testing.assert_close(got.cpu(), expected, rtol=2e-3, atol=2e-4)
     assert (got.cpu()[~col_mask] == 0).all()
+
+
+@pytest.mark.triton_kernel
+def test_triton_prior_matches_reference(triton_device):
+    M, m = mass_problem(11, 3, 80, 20)
+    prior = (torch.tensor([0.1, 1.0, 10.0]), torch.full((3, 20), 3.0))
+    kwargs = dict(lower=LOWER, upper=UPPER, pg_iters=3, power_iters=3, ridge=1e-6)
+    expected = nnls_pg_ref(M, m, prior=prior, **kwargs)
+    dev = triton_device
+    got = nnls_pg_triton(M.to(dev), m.to(dev), prior=(prior[0].to(dev), prior[1].to(dev)), **kwargs)
+    torch.testing.assert_close(got.cpu(), expected, rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.triton_kernel

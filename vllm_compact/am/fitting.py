@@ -65,42 +65,33 @@ def fit_log_weights(
     c is the head's uniform rescaling (total mass of the span / mass of the kept keys over the fit rows) and
     lam = prior_ridge x the mean diagonal of M^T M: the per-key weights only depart from a uniform rescaling where
     the reference queries ask for it. Unregularised per-key weights (prior_ridge 0, the paper's NNLS) overfit the
-    reference queries: on SmolLM2 their held-out mass error was worse than plain eviction's. The prior enters as t
-    extra rows sqrt(lam) I w = sqrt(lam) c of the same bounded NNLS. `ridge` is the relative ridge of its
-    unconstrained least-squares start (before clamping and PG steps).
+    reference queries: on SmolLM2 their held-out mass error was worse than plain eviction's. The prior is a term of the
+    same bounded NNLS (kernels.nnls_pg `prior`). `ridge` is the relative ridge of its unconstrained least-squares
+    start (before clamping and PG steps).
     """
     stabiliser = torch.where(torch.isfinite(reference.row_max), reference.row_max, 0.0)
     mass_matrix = (logits - stabiliser[:, :, None]).exp_()
     target = torch.exp(reference.lse - stabiliser)
     rows = fit_rows & torch.isfinite(reference.lse)
-    if prior_ridge > 0:
-        mass_matrix, target, rows = _with_uniform_prior(mass_matrix, target, rows, entries.valid, bounds, prior_ridge)
+    prior = _uniform_prior(mass_matrix, target, rows, entries.valid, bounds, prior_ridge) if prior_ridge > 0 else None
     weight = nnls_pg(
         mass_matrix, target, lower=bounds[0], upper=bounds[1], col_mask=entries.valid, row_mask=rows,
-        pg_iters=pg_iters, ridge=ridge,
+        pg_iters=pg_iters, ridge=ridge, prior=prior,
     )
     return torch.where(entries.valid, torch.log(weight.clamp(min=bounds[0])), 0.0)
 
 
-def _with_uniform_prior(
+def _uniform_prior(
     mass_matrix: Tensor, target: Tensor, rows: Tensor, col_valid: Tensor, bounds: tuple[float, float], prior_ridge: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The NNLS system with the rows sqrt(lam) I w = sqrt(lam) c appended (see fit_log_weights)."""
-    heads, _, cols = mass_matrix.shape
+) -> tuple[Tensor, Tensor]:
+    """(lam [H], c [H,t]) of fit_log_weights' prior term lam ||w - c||^2."""
     used = rows[:, :, None] & col_valid[:, None, :]
     kept_mass = torch.where(used, mass_matrix, 0.0)
-    total_mass = torch.where(rows, target, 0.0).sum(dim=1)
-    scale = total_mass / kept_mass.sum(dim=(1, 2))
+    scale = torch.where(rows, target, 0.0).sum(dim=1) / kept_mass.sum(dim=(1, 2))
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0).clamp(bounds[0], bounds[1])
-    diagonal = kept_mass.square().sum(dim=1)  # [H,t] diag of M^T M
-    lam = prior_ridge * (diagonal.sum(dim=1) / col_valid.sum(dim=1).clamp(min=1))
-    root = torch.where(torch.isfinite(lam) & (lam > 0), lam, 0.0).sqrt()
-    eye = torch.eye(cols, device=mass_matrix.device, dtype=mass_matrix.dtype)
-    prior_rows = root[:, None, None] * eye[None]
-    matrix = torch.cat([mass_matrix, prior_rows], dim=1)
-    rhs = torch.cat([target, (root * scale)[:, None].expand(heads, cols)], dim=1)
-    all_rows = torch.cat([rows, (root > 0)[:, None].expand(heads, cols)], dim=1)
-    return matrix, rhs, all_rows
+    diagonal = kept_mass.square().sum(dim=1)  # [H,t] diag of M^T M over the fit rows
+    lam = prior_ridge * diagonal.sum(dim=1) / col_valid.sum(dim=1).clamp(min=1)
+    return lam, scale[:, None].expand_as(col_valid)
 
 
 @dataclass
