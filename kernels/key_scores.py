@@ -103,7 +103,7 @@ def key_scores_ref(
     bias = None if key_bias is None else key_bias.to(device=device, dtype=torch.float32)
     keys_f32 = keys.float()
 
-    if _unmasked_and_finite(queries, keys_f32, bias, masks, query_len, key_len):
+    if _unmasked_and_finite(queries, keys_f32, bias, masks):
         return _unmasked_scores(queries, keys_f32, scale_h, bias, reduce)
 
     lse = torch.full((heads, n_queries), float("-inf"), dtype=torch.float32, device=device)
@@ -131,9 +131,9 @@ def key_scores_ref(
 _FAST_TILE_ELEMENTS = 1 << 19
 
 
-def _unmasked_and_finite(queries, keys_f32, bias, masks, query_len, key_len) -> bool:
+def _unmasked_and_finite(queries, keys_f32, bias, masks) -> bool:
     """Nothing to mask and nothing non-finite: the lean tiled path gives the same numbers with far less work."""
-    if masks.query_pos is not None or query_len is not None or key_len is not None:
+    if masks.query_pos is not None or not bool(masks.query_valid.all()) or not bool(masks.key_valid.all()):
         return False
     if bias is not None and not bool(torch.isfinite(bias).all()):
         return False

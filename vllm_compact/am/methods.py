@@ -136,13 +136,14 @@ class AttentionMatching(CompactionMethod):
     """Shared AM pipeline; subclasses only choose the keys.
 
     weight_bounds: bounds on w = exp(beta - existing bias) of the mass NNLS; pg_iters: its projected-gradient steps;
-    mass_ridge: relative ridge of its unconstrained least-squares start; mass_prior_ridge: pull of w towards the head's
-    uniform rescaling (am.fitting.fit_log_weights; 0 = the paper's plain NNLS). value_ridge: relative ridge of the C2 fit;
-    ridge_grid: further ridges tried, each head keeping the one with the lowest held-out error; shrink_to_original:
-    the ridge pulls C2 towards the kept keys' original values (else towards 0, as in the paper).
+    mass_ridge: relative ridge of its unconstrained least-squares start; mass_prior_ridge: pull of w towards the
+    head's uniform rescaling (am.fitting.fit_log_weights; 0 = the paper's plain NNLS).
+    value_ridge: relative ridge of the C2 fit; ridge_grid: further ridges tried, each head keeping the one with the
+    lowest held-out error; shrink_to_original: the ridge pulls C2 towards the kept keys' original values (else
+    towards 0, as in the paper).
     holdout_fraction: share of the reference queries held out (seeded by `seed`) to choose the ridge and to compare,
-    per head, the fit with eviction of the same keys (0 = no held-out rows: value_ridge alone, no comparison). chunk_elements: heads are solved in chunks of about this many
-    query x key pairs (bounds memory).
+    per head, the fit with eviction of the same keys (0 = no held-out rows: value_ridge alone, no comparison).
+    chunk_elements: heads are solved in chunks of about this many query x key pairs (bounds memory).
     """
 
     weight_bounds: tuple[float, float] = (math.exp(-3.0), math.exp(3.0))
@@ -162,8 +163,10 @@ class AttentionMatching(CompactionMethod):
             raise ValueError(f"weight_bounds must satisfy 0 < lower <= upper, got {self.weight_bounds}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}")
-        if self.value_ridge < 0 or self.mass_ridge < 0 or self.mass_prior_ridge < 0 or any(r < 0 for r in self.ridge_grid):
-            raise ValueError(f"ridges must be >= 0, got value_ridge={self.value_ridge}, mass_ridge={self.mass_ridge}")
+        ridges = {"value_ridge": self.value_ridge, "mass_ridge": self.mass_ridge,
+                  "mass_prior_ridge": self.mass_prior_ridge, "ridge_grid": min(self.ridge_grid, default=0.0)}
+        if any(value < 0 for value in ridges.values()):
+            raise ValueError(f"ridges must be >= 0, got {ridges}")
 
     def score_request(self, rows: QueryRows) -> ScoreRequest | None:
         """Per-key scores select_keys needs from the reference pass (None: it needs none)."""
