@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from vllm_compact.am.attention import (
@@ -249,15 +250,30 @@ class OrthogonalMatchingPursuit(AttentionMatching):
     refit_every: int = 2
     drop_log_weight: float = -7.0
     drop_rounds: int = 3
+    candidate_pool: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.keys_per_step < 1 or self.refit_every < 1 or self.drop_rounds < 0:
             raise ValueError("keys_per_step and refit_every must be >= 1, drop_rounds >= 0")
+        if self.candidate_pool != 0 and self.candidate_pool < 1:
+            raise ValueError(f"candidate_pool must be 0 (all keys) or >= 1, got {self.candidate_pool}")
+
+    def score_request(self, rows: QueryRows) -> ScoreRequest | None:
+        return ScoreRequest("rms", rows.fit) if self.candidate_pool else None
 
     def select_keys(
         self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
     ) -> Tensor:
+        if self.candidate_pool:
+            # OMP only among the candidate_pool x budget keys of highest attention: greedy mass matching over
+            # every key overfits the fit queries (measured on SmolLM2); the pool keeps it to keys that matter.
+            budget = batch.budget_per_head()
+            pool_size = torch.minimum(torch.ceil(budget.double() * self.candidate_pool).long(), batch.key_lengths())
+            pool = top_budget(reference.key_scores, visibility.key_valid, pool_size)
+            in_pool = torch.zeros_like(visibility.key_valid).scatter_(1, pool.clamp(min=0), pool >= 0)
+            visibility = Visibility(visibility.query_valid, visibility.key_valid & in_pool, visibility.query_pos,
+                                    visibility.key_pos)
         settings = OmpSettings(
             keys_per_step=self.keys_per_step,
             refit_every=self.refit_every,

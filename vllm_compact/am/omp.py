@@ -141,7 +141,7 @@ def omp_select(
 ) -> Tensor:
     """[H, max budget] keys chosen by batched OMP on the mass of the fit queries."""
     atoms = mass_atoms(batch, visibility, reference, fit_rows)
-    omp = BatchedOmp(atoms, batch.key_valid(), batch.budget.to(atoms.device), fit_rows, settings)
+    omp = BatchedOmp(atoms, visibility.key_valid, batch.budget.to(atoms.device), fit_rows, settings)
     omp.fill()
     for _ in range(settings.drop_rounds):
         if not omp.drop_dead():
