@@ -326,3 +326,18 @@ def test_omp_drop_and_refill_keeps_budgets() -> None:
     assert dropped.head(2)[0].tolist() == list(range(40))
     assert bool((dropped.beta[torch.isfinite(dropped.beta)] >= math.log(1e-12) - 1e-3).all())
     assert bool((dropped.beta[torch.isfinite(dropped.beta)] <= 7.0 + 1e-3).all())
+
+
+def test_omp_candidate_pool_of_one_budget_keeps_the_highest_attention_keys() -> None:
+    """candidate_pool = 1: OMP may only choose among the budget keys of highest RMS attention, so it takes them all."""
+    batch = clustered_batch(heads=3, n_keys=64, n_queries=48, dim=16, clusters=5, seed=13, budget=9)
+    omp = compact_heads(batch, "am-omp", holdout_fraction=0.0, candidate_pool=1.0)
+    for h in range(3):
+        scores = rms_scores64(batch.queries[h], batch.keys[h], float(batch.scale), None, "rms")
+        indices = omp.head(h)[0]
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen[indices] = True
+        assert int(chosen.sum()) == 9
+        assert float(scores[chosen].min()) >= float(scores[~chosen].max()) - 1e-6
+    with pytest.raises(ValueError, match="candidate_pool"):
+        compact_heads(batch, "am-omp", candidate_pool=0.5)

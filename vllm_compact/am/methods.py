@@ -240,7 +240,10 @@ class HighestAttention(AttentionMatching):
 @register
 @dataclass
 class OrthogonalMatchingPursuit(AttentionMatching):
-    """C1 by greedy OMP on the attention mass (see am/omp.py); the final NNLS uses weight_bounds / pg_iters."""
+    """C1 by greedy OMP on the attention mass (see am/omp.py); the final NNLS uses weight_bounds / pg_iters.
+
+    candidate_pool > 0 restricts OMP to the candidate_pool x budget keys of highest RMS attention (0 = every key).
+    """
 
     name: ClassVar[str] = "am-omp"
     weight_bounds: tuple[float, float] = (1e-12, math.exp(7.0))
