@@ -78,7 +78,10 @@ def _run_decode_job(job: dict) -> dict:
     from vllm_compact.benchmarks.engine_loop import make_engine
 
     compaction = {"trigger_tokens": 10**9} if job["compaction"] else None
-    llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=4096, seed=0)
+    # Prefix caching off in both engines (compaction turns it off): with it, the stock engine's timed generate
+    # would find the prompts cached by the prefill-only run before it, and its decode figure would exclude prefill.
+    llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=4096, seed=0,
+                      enable_prefix_caching=False)
     prompts = [{"prompt_token_ids": [100 + (7 * i + j) % 1000 for j in range(job["prompt_tokens"])]}
                for i in range(job["requests"])]
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
@@ -110,7 +113,8 @@ def _decode_overhead(args, model: str) -> int:
     out.write_text(json.dumps(rows, indent=1))
     md = ["# Decode speed: stock vLLM vs compaction enabled but not triggered", "",
           f"Command: `vllm-compact bench throughput --decode-overhead --repeats {args.repeats}` (8 requests x 512-token "
-          f"prompts, 128 generated tokens, best of {args.repeats} alternating runs); model {args.model}; "
+          f"prompts, 128 generated tokens, best of {args.repeats} alternating runs, prefix caching off in both); "
+          f"model {args.model}; "
           f"{platform.machine()} CPU x{os.cpu_count()}.", "",
           "| engine | decode tokens/s (best) | all runs |", "|---|---|---|"]
     md += [f"| {r['engine']} | {r['decode_tokens_per_s']:.1f} | {', '.join(f'{x:.1f}' for x in r['runs'])} |"
