@@ -135,9 +135,14 @@ def value_lstsq_ref(
 ) -> LstsqResult:
     """Torch implementation (the CPU production path)."""
     system = _system(X, Y, col_mask, row_mask)
+    return solve_from_normal_equations(system, *_normal_equations_torch(system), ridge)
+
+
+def _normal_equations_torch(system: _System) -> tuple[Tensor, Tensor]:
+    """X^T X and X^T Y over the valid rows and columns (torch)."""
     X_masked, Y_masked = system.masked()
     Xt = X_masked.transpose(1, 2)
-    return solve_from_normal_equations(system, torch.bmm(Xt, X_masked), torch.bmm(Xt, Y_masked), ridge)
+    return torch.bmm(Xt, X_masked), torch.bmm(Xt, Y_masked)
 
 
 def value_lstsq_path(
@@ -151,14 +156,7 @@ def value_lstsq_path(
     """One solution per relative ridge, all from one pair of normal equations (what choosing a ridge on held-out
     rows needs: the gram is the expensive part, each extra ridge costs one Cholesky)."""
     system = _system(X, Y, col_mask, row_mask)
-    if use_triton(X, Y):
-        X32, Y32 = X.float(), Y.float()
-        gram = transposed_product_triton(X32, None, system.row_valid)
-        xty = transposed_product_triton(X32, Y32, system.row_valid)
-    else:
-        X_masked, Y_masked = system.masked()
-        Xt = X_masked.transpose(1, 2)
-        gram, xty = torch.bmm(Xt, X_masked), torch.bmm(Xt, Y_masked)
+    gram, xty = _normal_equations_triton(system) if use_triton(X, Y) else _normal_equations_torch(system)
     return [solve_from_normal_equations(system, gram, xty, ridge) for ridge in ridges]
 
 
@@ -251,7 +249,10 @@ def value_lstsq_triton(
 ) -> LstsqResult:
     """Triton X^T X and X^T Y streaming over N (no masked copy of X), then the torch Cholesky fallback chain."""
     system = _system(X, Y, col_mask, row_mask)
-    X32, Y32 = X.float(), Y.float()
-    gram = transposed_product_triton(X32, None, system.row_valid)
-    xty = transposed_product_triton(X32, Y32, system.row_valid)
-    return solve_from_normal_equations(system, gram, xty, ridge)
+    return solve_from_normal_equations(system, *_normal_equations_triton(system), ridge)
+
+
+def _normal_equations_triton(system: _System) -> tuple[Tensor, Tensor]:
+    """X^T X and X^T Y streaming over the valid rows (Triton; invalid columns are ignored by the solve)."""
+    X32, Y32 = system.X.float(), system.Y.float()
+    return transposed_product_triton(X32, None, system.row_valid), transposed_product_triton(X32, Y32, system.row_valid)

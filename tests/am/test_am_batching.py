@@ -134,14 +134,19 @@ def test_value_ridge_is_chosen_on_the_held_out_rows() -> None:
         assert errors[0] <= min(errors[1:]) * (1 + 1e-4) + 1e-9, (h, errors)
 
 
+def mass_atoms64(batch: HeadBatch, h: int) -> torch.Tensor:
+    """float64 exp(s q.k - row max) of head h (no bias, no mask): the mass fit's design matrix."""
+    logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T
+    return torch.exp(logits - logits.amax(dim=1, keepdim=True))
+
+
 def test_mass_prior_pulls_weights_to_the_uniform_rescaling() -> None:
     """A huge mass_prior_ridge gives every kept key w = c = (span mass) / (kept mass) over the reference queries."""
     batch = clustered_batch(heads=3, n_keys=48, n_queries=64, dim=16, clusters=5, seed=7, budget=8)
     result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, mass_prior_ridge=1e6)
     for h in range(3):
         indices, _, beta, _ = result.head(h)
-        logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T
-        phi = torch.exp(logits - logits.amax(dim=1, keepdim=True))
+        phi = mass_atoms64(batch, h)
         c = float(phi.sum() / phi[:, indices].sum())
         expected = min(max(c, math.exp(-3)), math.exp(3))
         assert torch.allclose(beta.double().exp(), torch.full_like(beta, expected, dtype=torch.float64), rtol=1e-3)
@@ -152,9 +157,7 @@ def test_mass_fit_is_at_least_as_good_as_the_clamped_least_squares() -> None:
     result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, mass_prior_ridge=0.0)
     for h in range(3):
         indices, keys, beta, _ = result.head(h)
-        logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T
-        row_max = logits.amax(dim=1, keepdim=True)
-        phi = torch.exp(logits - row_max)
+        phi = mass_atoms64(batch, h)
         M, m = phi[:, indices], phi.sum(dim=1)
         clamped = torch.linalg.lstsq(M, m[:, None]).solution[:, 0].clamp(math.exp(-3), math.exp(3))
         fitted = torch.exp(beta.double())

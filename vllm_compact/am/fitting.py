@@ -99,9 +99,8 @@ class ValueFit:
     """C2 and the attention weights of the fitted compact entries."""
 
     values: Tensor  # [H,t,D] fp32
-    attention: Tensor  # [H,N,t] softmax(s Q C1^T + beta), zero rows where no entry is visible
     failed: Tensor  # [H] bool
-    ridge: Tensor  # [H] fp32 relative ridge chosen on the held-out rows (-1: C2 = the prior itself)
+    heldout_error: Tensor  # [H] squared output error of the chosen C2 on the held-out rows (0 without any)
 
 
 def fit_values(
@@ -131,23 +130,21 @@ def fit_values(
     heads = logits.shape[0]
     best_error = torch.full((heads,), float("inf"), device=logits.device)
     best = torch.zeros_like(prior)
-    chosen = torch.full((heads,), -1.0, device=logits.device)
-    for ridge, result in zip(ridges, solutions):
+    for result in solutions:
         error = squared_output_error(held_attention, result.solution, held_residual, judged)
         error = torch.where(result.failed | ~torch.isfinite(error), float("inf"), error)
         better = error < best_error
         best = torch.where(better[:, None, None], result.solution, best)
         best_error = torch.where(better, error, best_error)
-        chosen = torch.where(better, ridge, chosen)
     failed = ~torch.isfinite(best_error)
     if shrink_to_original:
         prior_error = squared_output_error(held_attention, torch.zeros_like(best), held_residual, judged)
         keep_prior = judged.any(dim=1) & (prior_error < best_error) & ~failed
         best = best.masked_fill(keep_prior[:, None, None], 0.0)
-        chosen = chosen.masked_fill(keep_prior, -1.0)
+        best_error = torch.where(keep_prior, prior_error, best_error)
     values = (prior + best).masked_fill(~entries.valid[:, :, None], 0.0)
     broken = ~torch.isfinite(values).flatten(1).all(dim=1)
-    return ValueFit(values=values, attention=attention, failed=failed | broken, ridge=chosen)
+    return ValueFit(values=values, failed=failed | broken, heldout_error=best_error)
 
 
 def covered_rows(logits: Tensor) -> Tensor:
@@ -215,7 +212,7 @@ def judge(
     broken = non_finite_heads(batch) | fit.failed | weights_broken | nothing_to_fit
     index, judged = row_subset(rows.heldout & covered)  # only the held-out rows are evaluated
     target = gather_rows(reference.output, index)
-    am_error = squared_output_error(gather_rows(fit.attention, index), fit.values, target, judged)
+    am_error = fit.heldout_error  # ||X C2 - Y||^2 on the same rows, from choosing the ridge
     eviction_attention = softmax_rows(gather_rows(logits, index))
     eviction_error = squared_output_error(eviction_attention, entries.values, target, judged)
     broken = broken | ~torch.isfinite(am_error)
