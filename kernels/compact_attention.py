@@ -25,34 +25,40 @@ _REF_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
-class _RequestEntries:
-    """The compact entries of one request, gathered and padded per KV head."""
+class SegmentEntries:
+    """The compact entries of one request (one layer), gathered and padded per KV head."""
 
     keys: Tensor  # [Hkv, E, D] fp32
     values: Tensor  # [Hkv, E, D] fp32
     bias: Tensor  # [Hkv, E] fp32, -inf past head_len
 
 
-def _gather_request(
-    kv_pages: Tensor, beta: Tensor, block_table: Tensor, beta_start: Tensor, head_start: Tensor,
-    head_len: Tensor, request: int,
-) -> _RequestEntries:
+def gather_segment(kv_pages: Tensor, beta: Tensor, page_ids: Tensor, head_start: Tensor, head_len: Tensor) -> SegmentEntries:
+    """One request's entries: page_ids [P], head_start/head_len [Hkv], beta [its entries] (indexed by flat slot)."""
     lanes = kv_pages.shape[1]
-    lengths = head_len[request].to(torch.int64)
+    lengths = head_len.to(torch.int64)
     longest = int(lengths.max()) if lengths.numel() else 0
     offsets = torch.arange(longest, device=kv_pages.device)
     valid = offsets[None, :] < lengths[:, None]  # [Hkv, E]
-    flat = head_start[request].to(torch.int64)[:, None] + offsets[None, :]
+    flat = head_start.to(torch.int64)[:, None] + offsets[None, :]
     flat = torch.where(valid, flat, torch.zeros_like(flat))  # padding reads slot 0 (masked below)
-    pages = block_table[request].to(torch.int64)[flat // lanes]
+    pages = page_ids.to(torch.int64)[flat // lanes]
     entries = kv_pages[pages, flat % lanes].float()  # [Hkv, E, 2, D]
-    bias = beta[int(beta_start[request]) + flat].float()
+    bias = beta[flat].float()
     bias = torch.where(valid & ~torch.isnan(bias), bias, float("-inf"))
-    return _RequestEntries(keys=entries[:, :, 0], values=entries[:, :, 1], bias=bias)
+    return SegmentEntries(keys=entries[:, :, 0], values=entries[:, :, 1], bias=bias)
 
 
-def _attend(queries: Tensor, entries: _RequestEntries, scale: float) -> tuple[Tensor, Tensor]:
-    """queries [n, Hkv, G, D] fp32 -> out [n, Hkv, G, D] fp32, lse [n, Hkv, G]."""
+def _gather_request(
+    kv_pages: Tensor, beta: Tensor, block_table: Tensor, beta_start: Tensor, head_start: Tensor,
+    head_len: Tensor, request: int,
+) -> SegmentEntries:
+    return gather_segment(kv_pages, beta[int(beta_start[request]) :], block_table[request], head_start[request],
+                          head_len[request])
+
+
+def attend_entries(queries: Tensor, entries: SegmentEntries, scale: float) -> tuple[Tensor, Tensor]:
+    """queries [n, Hkv, G, D] fp32 -> out [n, Hkv, G, D] fp32, lse [n, Hkv, G] (-inf, out 0 where nothing is seen)."""
     logits = torch.einsum("nhgd,hed->nhge", queries, entries.keys) * scale + entries.bias[None, :, None, :]
     logits = torch.where(torch.isnan(logits), float("-inf"), logits)
     lse = torch.logsumexp(logits, dim=-1)
@@ -90,7 +96,7 @@ def compact_attention_ref(
         for start in range(0, tokens.numel(), chunk):
             rows = tokens[start : start + chunk]
             q = query[rows].float().view(-1, kv_heads, group, dim)
-            o, l = _attend(q, entries, float(scale))
+            o, l = attend_entries(q, entries, float(scale))
             out[rows] = o.view(-1, q_heads, dim)
             lse[rows] = l.view(-1, q_heads)
     return out.to(query.dtype), lse

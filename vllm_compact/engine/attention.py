@@ -25,7 +25,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_compact.engine.layout import compact_page_view, stock_block_layout
 from vllm_compact.engine.state import CompactSegment, worker_state
-from vllm_compact.kernels import compact_attention, merge_attention
+from vllm_compact.kernels import merge_attention
+from vllm_compact.kernels.compact_attention import SegmentEntries, attend_entries
 
 
 @dataclass
@@ -186,17 +187,17 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             out[index] = plain_out
         layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
         pages = compact_page_view(kv_cache)
-        decodes = [v for v in info.compacted if v.query_len == 1]
-        if decodes:
-            rows = torch.tensor([v.query_start for v in decodes])
-            out[rows] = self._compacted_decode(query[rows], kv_cache, pages, layout, decodes).to(output.dtype)
+        dense_cache = worker_state().dense
         for view in info.compacted:
-            if view.query_len == 1:
-                continue
             rows = slice(view.query_start, view.query_start + view.query_len)
-            segments = self._segment_attention(query[rows], pages, [view], [view.query_len])
-            tail = self._tail_attention(query[rows], kv_cache, layout, view)
-            out[rows] = merge_attention(*tail, *segments)[0].to(output.dtype)
+            dense = dense_cache.for_request(view.req_id, view.segment)
+            entries = dense.segment_entries(self._layer_index, pages)
+            tail_keys, tail_values = dense.tail(
+                self._layer_index, view.tail_len,
+                None if key is None else key[rows], None if value is None else value[rows],
+                lambda view=view: layout.read(kv_cache, view.tail_block_ids),
+            )
+            out[rows] = compacted_attention(query[rows], entries, tail_keys, tail_values, self.scale).to(output.dtype)
         return output
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
@@ -206,58 +207,32 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             reservoir = state.reservoir(req_id, self.num_heads, self.head_size, query.dtype)
             reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
 
-    def _tail_attention(self, query, kv_cache, layout, view: CompactedRequestView):
-        keys, values = layout.read(kv_cache, view.tail_block_ids)
-        return tail_attention(query, keys[:, : view.tail_len], values[:, : view.tail_len], self.scale)
 
-    def _segment_attention(self, query, pages, views: list[CompactedRequestView], query_lens: list[int]):
-        """Bias-aware attention of each view's queries over its compact segment, all views in one call."""
-        layer = self._layer_index
-        betas = [v.segment.beta[layer] for v in views]
-        beta_start = torch.tensor([0] + [b.numel() for b in betas[:-1]], dtype=torch.int64).cumsum(0)
-        longest = max(v.segment.page_ids.numel() for v in views)
-        block_table = torch.zeros(len(views), longest, dtype=torch.int32)
-        for i, v in enumerate(views):
-            block_table[i, : v.segment.page_ids.numel()] = v.segment.page_ids
-        query_req = torch.repeat_interleave(torch.arange(len(views), dtype=torch.int32), torch.tensor(query_lens))
-        out, lse = compact_attention(
-            query,
-            pages,
-            torch.cat(betas),
-            block_table,
-            beta_start,
-            torch.stack([v.segment.head_start[layer] for v in views]),
-            torch.stack([v.segment.head_len[layer] for v in views]),
-            query_req,
-            self.scale,
-        )
-        return out.float(), lse
+def compacted_attention(
+    query: torch.Tensor, entries: SegmentEntries, tail_keys: torch.Tensor, tail_values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """A compacted request's attention: its compact entries (with beta) and its causal physical tail, fp32 out.
 
-    def _compacted_decode(self, query, kv_cache, pages, layout, views: list[CompactedRequestView]):
-        """One query token per request: every request's tail in one padded batch, every segment in one call."""
-        num_kv_heads = kv_cache.shape[1]
-        block_size = kv_cache.shape[2]
-        counts = [v.tail_block_ids.numel() for v in views]
-        keys, values = layout.read(kv_cache, torch.cat([v.tail_block_ids for v in views]))  # [Hkv, sum*bs, D]
-        longest = max(counts) * block_size
-        padded_k = keys.new_zeros(len(views), num_kv_heads, longest, self.head_size)
-        padded_v = torch.zeros_like(padded_k)
-        valid = torch.zeros(len(views), longest, dtype=torch.bool)
-        start = 0
-        for i, (v, n) in enumerate(zip(views, counts)):
-            padded_k[i, :, : v.tail_len] = keys[:, start : start + v.tail_len]
-            padded_v[i, :, : v.tail_len] = values[:, start : start + v.tail_len]
-            valid[i, : v.tail_len] = True
-            start += n * block_size
-        group = self.num_heads // num_kv_heads
-        q = query.float().view(len(views), num_kv_heads, group, self.head_size)
-        logits = torch.einsum("rhgd,rhtd->rhgt", q, padded_k.float()) * self.scale
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)  # every tail holds at least the query's own token
-        tail_out = torch.einsum("rhgt,rhtd->rhgd", torch.exp(logits - lse[..., None]), padded_v.float())
-        tail_out = tail_out.reshape(len(views), self.num_heads, self.head_size)
-        seg_out, seg_lse = self._segment_attention(query, pages, views, [1] * len(views))
-        return merge_attention(tail_out, lse.reshape(len(views), self.num_heads), seg_out, seg_lse)[0]
+    query [n, Hq, D]; tail_keys/values [Hkv, t, D] fp32 whose last n tokens are the queries' own. One token (decode)
+    takes a single softmax over [entries ; tail]; a prefill chunk takes the fused causal tail attention and the
+    entries separately, merged by log-sum-exp, so its [n, t] logits are never built in Python.
+    """
+    n, num_heads, dim = query.shape
+    num_kv_heads, num_entries = entries.bias.shape
+    group = num_heads // num_kv_heads
+    if n == 1:
+        q = query.float().view(num_kv_heads, group, dim)
+        segment_logits = torch.baddbmm(entries.bias[:, None, :].expand(-1, group, -1), q,
+                                       entries.keys.transpose(1, 2), alpha=scale)
+        tail_logits = torch.bmm(q, tail_keys.transpose(1, 2)).mul_(scale)  # the tail holds the token itself
+        probs = torch.softmax(torch.cat([segment_logits, tail_logits], -1), dim=-1)
+        out = torch.bmm(probs[..., :num_entries], entries.values)
+        out.baddbmm_(probs[..., num_entries:], tail_values)
+        return out.view(1, num_heads, dim)
+    tail = tail_attention(query, tail_keys, tail_values, scale)
+    q = query.float().view(n, num_kv_heads, group, dim)
+    segment_out, segment_lse = attend_entries(q, entries, scale)
+    return merge_attention(*tail, segment_out.view(n, num_heads, dim), segment_lse.view(n, num_heads))[0]
 
 
 class CompactionCPUAttentionBackend(CPUAttentionBackend):

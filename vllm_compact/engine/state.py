@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_compact.config import CompactionConfig
+from vllm_compact.engine.dense_cache import DenseKVCache
 from vllm_compact.engine.stats import WorkerCompactionStats
 
 
@@ -70,6 +71,7 @@ class WorkerCompactionState:
     segments: dict[str, CompactSegment] = field(default_factory=dict)
     reservoirs: dict[str, QueryReservoir] = field(default_factory=dict)
     stats: WorkerCompactionStats = field(default_factory=WorkerCompactionStats)
+    dense: DenseKVCache = field(default_factory=DenseKVCache)  # CPU fast path, see dense_cache.py
     # Filled by the model runner once the model and KV caches exist.
     num_layers: int = 0
     layer_caches: list[torch.Tensor] = field(default_factory=list)  # per layer index, [nb, Hkv, bs, 2D]
@@ -87,6 +89,7 @@ class WorkerCompactionState:
     def drop(self, req_ids) -> None:
         for req_id in req_ids:
             self.segments.pop(req_id, None)
+            self.dense.drop(req_id)
             res = self.reservoirs.pop(req_id, None)
             if res is not None:
                 self.stats.reservoir_bytes -= res.nbytes

@@ -1,0 +1,97 @@
+"""The CPU path's dense copies of a compacted request: attention over [entries with beta ; causal tail] against a
+float64 softmax, and the growing tail against the pages it mirrors (appends, rebuilds, new segments)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_compact.engine.attention import compacted_attention
+from vllm_compact.engine.dense_cache import DenseKVCache
+from vllm_compact.kernels.compact_attention import SegmentEntries
+
+
+def _entries(g, num_kv_heads, lengths, dim):
+    longest = max(lengths)
+    keys = torch.randn(num_kv_heads, longest, dim, generator=g) * 2
+    values = torch.randn(num_kv_heads, longest, dim, generator=g)
+    bias = torch.randn(num_kv_heads, longest, generator=g) * 2
+    for h, n in enumerate(lengths):
+        bias[h, n:] = float("-inf")
+    return SegmentEntries(keys=keys, values=values, bias=bias)
+
+
+@pytest.mark.parametrize("nq,tail", [(1, 1), (1, 50), (9, 30), (30, 30)])
+def test_compacted_attention_matches_float64(nq, tail):
+    g = torch.Generator().manual_seed(nq * 7 + tail)
+    num_heads, num_kv_heads, dim, scale = 6, 2, 16, 0.3
+    lengths = [5, 11]  # heads of different lengths: padding must carry no weight
+    entries = _entries(g, num_kv_heads, lengths, dim)
+    query = torch.randn(nq, num_heads, dim, generator=g)
+    tail_keys = torch.randn(num_kv_heads, tail, dim, generator=g) * 2
+    tail_values = torch.randn(num_kv_heads, tail, dim, generator=g)
+    out = compacted_attention(query, entries, tail_keys, tail_values, scale)
+    group = num_heads // num_kv_heads
+    for i in range(nq):
+        visible = tail - nq + i + 1
+        for h in range(num_heads):
+            kv = h // group
+            n = lengths[kv]
+            keys = torch.cat([entries.keys[kv, :n], tail_keys[kv, :visible]]).double()
+            values = torch.cat([entries.values[kv, :n], tail_values[kv, :visible]]).double()
+            bias = torch.cat([entries.bias[kv, :n], torch.zeros(visible)]).double()
+            probs = torch.softmax(query[i, h].double() @ keys.T * scale + bias, 0)
+            torch.testing.assert_close(out[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
+
+
+class _Pages:
+    """Stands in for the KV pages: the full tail as it is after each step, and how often it was read."""
+
+    def __init__(self, num_kv_heads=2, dim=4):
+        self.keys = torch.zeros(num_kv_heads, 0, dim)
+        self.values = torch.zeros(num_kv_heads, 0, dim)
+        self.reads = 0
+
+    def write(self, n, g):
+        new_k = torch.randn(n, self.keys.shape[0], self.keys.shape[2], generator=g)
+        new_v = torch.randn(n, self.keys.shape[0], self.keys.shape[2], generator=g)
+        self.keys = torch.cat([self.keys, new_k.transpose(0, 1)], 1)
+        self.values = torch.cat([self.values, new_v.transpose(0, 1)], 1)
+        return new_k, new_v
+
+    def read(self):
+        self.reads += 1
+        pad = torch.full((self.keys.shape[0], 3, self.keys.shape[2]), float("nan"))  # a partly filled last page
+        return torch.cat([self.keys, pad], 1), torch.cat([self.values, pad], 1)
+
+
+def _segment():
+    return object()  # only its identity matters to the cache
+
+
+def test_tail_appends_steps_and_rebuilds_only_when_needed():
+    g = torch.Generator().manual_seed(0)
+    cache, pages, segment = DenseKVCache(), _Pages(), _segment()
+    dense = cache.for_request("r", segment)
+    for step, n in enumerate([7, 1, 1, 40, 1] + [1] * 100):  # prefill chunks, decodes, growth past capacity
+        new_k, new_v = pages.write(n, g)
+        keys, values = dense.tail(0, pages.keys.shape[1], new_k, new_v, pages.read)
+        assert torch.equal(keys, pages.keys) and torch.equal(values, pages.values)
+    assert pages.reads == 1  # only the first step read the pages
+
+    # a step the cache did not see (length mismatch) rebuilds from the pages instead of appending
+    pages.write(2, g)
+    new_k, new_v = pages.write(1, g)
+    keys, _ = dense.tail(0, pages.keys.shape[1], new_k, new_v, pages.read)
+    assert torch.equal(keys, pages.keys) and pages.reads == 2
+
+    # no step tensors (e.g. a layer sharing another's cache): read the pages
+    keys, _ = dense.tail(0, pages.keys.shape[1], None, None, pages.read)
+    assert torch.equal(keys, pages.keys) and pages.reads == 3
+
+    # a new segment (re-compaction) starts a new copy; dropping the request frees it
+    assert cache.for_request("r", segment) is dense
+    assert cache.for_request("r", _segment()) is not dense
+    assert len(cache) == 1 and cache.nbytes == 0
+    cache.drop("r")
+    assert len(cache) == 0
