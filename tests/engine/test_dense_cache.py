@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vllm_compact.engine.attention import compacted_attention
-from vllm_compact.engine.dense_cache import DenseKVCache
+from vllm_compact.engine.dense_cache import DenseKVCache, LayerKV
+from vllm_compact.engine.state import CompactSegment
 from vllm_compact.kernels.compact_attention import SegmentEntries
 
 
@@ -30,7 +31,9 @@ def test_compacted_attention_matches_float64(nq, tail):
     query = torch.randn(nq, num_heads, dim, generator=g)
     tail_keys = torch.randn(num_kv_heads, tail, dim, generator=g) * 2
     tail_values = torch.randn(num_kv_heads, tail, dim, generator=g)
-    out = compacted_attention(query, entries, tail_keys, tail_values, scale)
+    kv = LayerKV(entries.keys, entries.values, entries.bias, num_entries=max(lengths))
+    kv.set_tail(tail_keys, tail_values)
+    out = compacted_attention(query, kv, scale)
     group = num_heads // num_kv_heads
     for i in range(nq):
         visible = tail - nq + i + 1
@@ -65,33 +68,55 @@ class _Pages:
         return torch.cat([self.keys, pad], 1), torch.cat([self.values, pad], 1)
 
 
-def _segment():
-    return object()  # only its identity matters to the cache
+def _segment(g, num_kv_heads=2, dim=4, lanes=8):
+    """A one-layer segment in plain compact pages: head h has 3 + 2h entries packed back to back."""
+    lengths = torch.tensor([3 + 2 * h for h in range(num_kv_heads)], dtype=torch.int32)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0)[:-1].int()])
+    pages = torch.randn(4, lanes, 2, dim, generator=g)
+    segment = CompactSegment(start_block=1, end_block=5, page_ids=torch.tensor([2, 0], dtype=torch.int32),
+                             head_start=starts[None], head_len=lengths[None],
+                             beta=[torch.randn(int(lengths.sum()), generator=g)])
+    return segment, pages
 
 
-def test_tail_appends_steps_and_rebuilds_only_when_needed():
+def test_buffer_holds_entries_then_tail_appends_and_rebuilds_only_when_needed():
     g = torch.Generator().manual_seed(0)
-    cache, pages, segment = DenseKVCache(), _Pages(), _segment()
+    cache, tail_pages = DenseKVCache(), _Pages()
+    segment, pages = _segment(g)
     dense = cache.for_request("r", segment)
-    for step, n in enumerate([7, 1, 1, 40, 1] + [1] * 100):  # prefill chunks, decodes, growth past capacity
-        new_k, new_v = pages.write(n, g)
-        keys, values = dense.tail(0, pages.keys.shape[1], new_k, new_v, pages.read)
-        assert torch.equal(keys, pages.keys) and torch.equal(values, pages.values)
-    assert pages.reads == 1  # only the first step read the pages
+    for n in [7, 1, 1, 40, 1] + [1] * 100:  # prefill chunks, decodes, growth past capacity
+        new_k, new_v = tail_pages.write(n, g)
+        kv = dense.layer(0, pages, tail_pages.keys.shape[1], new_k, new_v, tail_pages.read)
+        keys, values = kv.tail()
+        assert torch.equal(keys, tail_pages.keys) and torch.equal(values, tail_pages.values)
+        assert torch.equal(kv.bias[:, kv.num_entries : kv.length], torch.zeros_like(keys[..., 0]))
+    assert tail_pages.reads == 1  # only the first step read the pages
 
-    # a step the cache did not see (length mismatch) rebuilds from the pages instead of appending
-    pages.write(2, g)
-    new_k, new_v = pages.write(1, g)
-    keys, _ = dense.tail(0, pages.keys.shape[1], new_k, new_v, pages.read)
-    assert torch.equal(keys, pages.keys) and pages.reads == 2
+    # the entries are the segment's, head h at its packed slots, padding masked
+    entries = kv.entries()
+    flat = pages.view(-1, 2, 4)
+    page_of = {0: 2, 1: 0}
+    for h, (start, length) in enumerate(zip(segment.head_start[0].tolist(), segment.head_len[0].tolist())):
+        for i in range(length):
+            slot = start + i
+            lane = page_of[slot // 8] * 8 + slot % 8
+            assert torch.equal(entries.keys[h, i], flat[lane, 0]) and torch.equal(entries.values[h, i], flat[lane, 1])
+            assert entries.bias[h, i] == segment.beta[0][slot]
+        assert bool(torch.isneginf(entries.bias[h, length:]).all())
+
+    # a step the copy did not see (length mismatch) rebuilds from the pages instead of appending
+    tail_pages.write(2, g)
+    new_k, new_v = tail_pages.write(1, g)
+    keys, _ = dense.layer(0, pages, tail_pages.keys.shape[1], new_k, new_v, tail_pages.read).tail()
+    assert torch.equal(keys, tail_pages.keys) and tail_pages.reads == 2
 
     # no step tensors (e.g. a layer sharing another's cache): read the pages
-    keys, _ = dense.tail(0, pages.keys.shape[1], None, None, pages.read)
-    assert torch.equal(keys, pages.keys) and pages.reads == 3
+    keys, _ = dense.layer(0, pages, tail_pages.keys.shape[1], None, None, tail_pages.read).tail()
+    assert torch.equal(keys, tail_pages.keys) and tail_pages.reads == 3
 
     # a new segment (re-compaction) starts a new copy; dropping the request frees it
-    assert cache.for_request("r", segment) is dense
-    assert cache.for_request("r", _segment()) is not dense
+    assert cache.for_request("r", segment) is dense and cache.nbytes > 0
+    assert cache.for_request("r", _segment(g)[0]) is not dense
     assert len(cache) == 1 and cache.nbytes == 0
     cache.drop("r")
     assert len(cache) == 0

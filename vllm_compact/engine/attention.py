@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from vllm import _custom_ops as ops
@@ -26,7 +27,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_compact.engine.layout import compact_page_view, stock_block_layout
 from vllm_compact.engine.state import CompactSegment, worker_state
 from vllm_compact.kernels import merge_attention
-from vllm_compact.kernels.compact_attention import SegmentEntries, attend_entries
+from vllm_compact.engine.dense_cache import LayerKV, decode_attention
+from vllm_compact.kernels.compact_attention import attend_entries
 
 
 @dataclass
@@ -135,6 +137,13 @@ def _fused_attention_with_lse():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+@lru_cache(maxsize=2)
+def _causal_tail_mask(nq: int, tail_len: int, group: int) -> torch.Tensor:
+    """[G*nq, t] additive mask, bottom-right aligned; cached because every layer of a step asks for the same one."""
+    hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
+    return torch.zeros(nq, tail_len).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+
+
 def tail_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,15 +156,15 @@ def tail_attention(
     num_kv_heads, tail_len, _ = keys.shape
     group = num_heads // num_kv_heads
     q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
-    hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
     fused = _fused_attention_with_lse()
     if fused is not None:
-        mask = torch.zeros(nq, tail_len).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+        mask = _causal_tail_mask(nq, tail_len, group)
         out, lse = fused(q[None], keys.float()[None], values.float()[None], 0.0, False, attn_mask=mask[None, None],
                          scale=scale)[:2]
         out, lse = out[0], lse[0]
     else:
         logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale  # [Hkv, G*nq, t]
+        hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
         logits = logits.masked_fill(hidden.repeat(group, 1), float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)
         out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
@@ -190,14 +199,12 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
         dense_cache = worker_state().dense
         for view in info.compacted:
             rows = slice(view.query_start, view.query_start + view.query_len)
-            dense = dense_cache.for_request(view.req_id, view.segment)
-            entries = dense.segment_entries(self._layer_index, pages)
-            tail_keys, tail_values = dense.tail(
-                self._layer_index, view.tail_len,
+            kv = dense_cache.for_request(view.req_id, view.segment).layer(
+                self._layer_index, pages, view.tail_len,
                 None if key is None else key[rows], None if value is None else value[rows],
                 lambda view=view: layout.read(kv_cache, view.tail_block_ids),
             )
-            out[rows] = compacted_attention(query[rows], entries, tail_keys, tail_values, self.scale).to(output.dtype)
+            out[rows] = compacted_attention(query[rows], kv, self.scale).to(output.dtype)
         return output
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
@@ -208,30 +215,19 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
 
 
-def compacted_attention(
-    query: torch.Tensor, entries: SegmentEntries, tail_keys: torch.Tensor, tail_values: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """A compacted request's attention: its compact entries (with beta) and its causal physical tail, fp32 out.
+def compacted_attention(query: torch.Tensor, kv: LayerKV, scale: float) -> torch.Tensor:
+    """A compacted request's attention over its compact entries (with beta) and its causal tail: fp32 [n, Hq, D].
 
-    query [n, Hq, D]; tail_keys/values [Hkv, t, D] fp32 whose last n tokens are the queries' own. One token (decode)
-    takes a single softmax over [entries ; tail]; a prefill chunk takes the fused causal tail attention and the
-    entries separately, merged by log-sum-exp, so its [n, t] logits are never built in Python.
+    One token (decode) is a single softmax over the whole buffer; a prefill chunk takes the fused causal tail
+    attention and the entries separately, merged by log-sum-exp, so its [n, t] logits are never built in Python.
     """
     n, num_heads, dim = query.shape
-    num_kv_heads, num_entries = entries.bias.shape
-    group = num_heads // num_kv_heads
     if n == 1:
-        q = query.float().view(num_kv_heads, group, dim)
-        segment_logits = torch.baddbmm(entries.bias[:, None, :].expand(-1, group, -1), q,
-                                       entries.keys.transpose(1, 2), alpha=scale)
-        tail_logits = torch.bmm(q, tail_keys.transpose(1, 2)).mul_(scale)  # the tail holds the token itself
-        probs = torch.softmax(torch.cat([segment_logits, tail_logits], -1), dim=-1)
-        out = torch.bmm(probs[..., :num_entries], entries.values)
-        out.baddbmm_(probs[..., num_entries:], tail_values)
-        return out.view(1, num_heads, dim)
-    tail = tail_attention(query, tail_keys, tail_values, scale)
-    q = query.float().view(n, num_kv_heads, group, dim)
-    segment_out, segment_lse = attend_entries(q, entries, scale)
+        return decode_attention(query[0], kv, scale).view(1, num_heads, dim)
+    tail = tail_attention(query, *kv.tail(), scale)
+    num_kv_heads = kv.keys.shape[0]
+    q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, dim)
+    segment_out, segment_lse = attend_entries(q, kv.entries(), scale)
     return merge_attention(*tail, segment_out.view(n, num_heads, dim), segment_lse.view(n, num_heads))[0]
 
 

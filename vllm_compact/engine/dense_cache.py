@@ -2,12 +2,14 @@
 
 The KV pages stay the source of truth (they are what the pool counts and frees). A compacted request's attention on
 CPU used to gather its compact segment and its uncompacted tail out of those pages at every layer of every step;
-that gather, not the math, dominated decode. Here each request keeps, per layer:
-- its compact segment's entries, gathered once per segment (the segment only changes at a compaction);
+that gather, not the math, dominated decode. Here each request keeps, per layer, one fp32 buffer holding
+- its compact segment's entries (gathered once per segment: a segment only changes at a compaction), then
 - its physical tail (protected head pages + pages after the segment), read from the pages once after a compaction
-  and then grown by the keys/values each step writes (the same tensors the stock cache writer stored).
-Anything that does not line up (a new segment, a length that does not match) rebuilds from the pages, so a stale
-copy can cost time but never change results.
+  and then grown by the keys/values each step writes (the same tensors the stock cache writer stored),
+with a bias row (beta for entries, -inf for per-head padding, 0 for the tail), so one decode token is a single
+softmax over the buffer. Anything that does not line up (a new segment, a length that does not match) rebuilds
+from the pages: a stale copy can cost time but never change results. The copies cost about twice the request's
+physical KV in fp32; they are counted (`nbytes`) and dropped with the request's compaction state.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from vllm_compact.kernels.compact_attention import SegmentEntries, gather_segment
@@ -25,29 +28,43 @@ if TYPE_CHECKING:  # state.py owns the dense cache; import its types only for an
 
 
 @dataclass
-class _GrowingTail:
-    """fp32 keys/values [Hkv, capacity, D] of which the first `length` tokens are valid."""
+class LayerKV:
+    """[compact entries ; tail] of one layer: keys/values [Hkv, capacity, D], bias [Hkv, capacity] (fp32)."""
 
     keys: Tensor
     values: Tensor
-    length: int
+    bias: Tensor
+    num_entries: int  # E: entry columns (the longest head; shorter heads are padded with bias -inf)
+    tail_len: int = -1  # valid tail tokens after the entries; -1 until the tail is first read
 
-    @classmethod
-    def of(cls, keys: Tensor, values: Tensor) -> _GrowingTail:
-        tail = cls(keys.new_empty(keys.shape[0], 0, keys.shape[2]), values.new_empty(values.shape[0], 0, values.shape[2]), 0)
-        tail.append(keys, values)
-        return tail
+    @property
+    def length(self) -> int:
+        return self.num_entries + max(self.tail_len, 0)
+
+    def entries(self) -> SegmentEntries:
+        e = self.num_entries
+        return SegmentEntries(self.keys[:, :e], self.values[:, :e], self.bias[:, :e])
+
+    def tail(self) -> tuple[Tensor, Tensor]:
+        return self.keys[:, self.num_entries : self.length], self.values[:, self.num_entries : self.length]
+
+    def set_tail(self, keys: Tensor, values: Tensor) -> None:
+        self.tail_len = 0
+        self.append(keys, values)
 
     def append(self, keys: Tensor, values: Tensor) -> None:
         """keys/values [Hkv, n, D]; capacity doubles, so a growing tail costs amortised O(1) copies per token."""
-        end = self.length + keys.shape[1]
+        start, end = self.length, self.length + keys.shape[1]
         if end > self.keys.shape[1]:
-            capacity = max(64, end, 2 * self.keys.shape[1])
-            self.keys = self._moved(self.keys, capacity)
-            self.values = self._moved(self.values, capacity)
-        self.keys[:, self.length : end] = keys
-        self.values[:, self.length : end] = values
-        self.length = end
+            capacity = max(end, 2 * self.keys.shape[1], self.num_entries + 64)
+            self.keys, self.values = self._moved(self.keys, capacity), self._moved(self.values, capacity)
+            bias = self.bias.new_zeros(self.bias.shape[0], capacity)
+            bias[:, :start] = self.bias[:, :start]
+            self.bias = bias
+        self.keys[:, start:end] = keys
+        self.values[:, start:end] = values
+        self.bias[:, start:end] = 0.0
+        self.tail_len = end - self.num_entries
 
     def _moved(self, buffer: Tensor, capacity: int) -> Tensor:
         grown = buffer.new_empty(buffer.shape[0], capacity, buffer.shape[2])
@@ -56,46 +73,41 @@ class _GrowingTail:
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
+        return (2 * self.keys.numel() + self.bias.numel()) * 4
 
 
 @dataclass
 class RequestDenseKV:
-    """One compacted request's dense segment entries and tail, per layer, for the segment they were built from."""
+    """One compacted request's per-layer buffers, for the segment they were built from."""
 
-    segment: "CompactSegment"
-    entries: dict[int, SegmentEntries] = field(default_factory=dict)
-    tails: dict[int, _GrowingTail] = field(default_factory=dict)
+    segment: CompactSegment
+    layers: dict[int, LayerKV] = field(default_factory=dict)
 
-    def segment_entries(self, layer: int, pages: Tensor) -> SegmentEntries:
-        entries = self.entries.get(layer)
-        if entries is None:
+    def layer(
+        self, layer: int, pages: Tensor, tail_len: int, new_keys: Tensor | None, new_values: Tensor | None,
+        read_pages: Callable[[], tuple[Tensor, Tensor]],
+    ) -> LayerKV:
+        """The layer's buffer with its tail at `tail_len` tokens (this step's tokens last).
+
+        new_keys/new_values [n, Hkv, D] are this step's tokens as the cache writer received them; they are appended
+        when the copy is exactly n tokens behind, otherwise (or when they are None) the tail is read from the pages.
+        """
+        kv = self.layers.get(layer)
+        if kv is None:
             seg = self.segment
             entries = gather_segment(pages, seg.beta[layer], seg.page_ids, seg.head_start[layer], seg.head_len[layer])
-            self.entries[layer] = entries
-        return entries
-
-    def tail(
-        self, layer: int, tail_len: int, new_keys: Tensor | None, new_values: Tensor | None,
-        read_pages: Callable[[], tuple[Tensor, Tensor]],
-    ) -> tuple[Tensor, Tensor]:
-        """The layer's tail [Hkv, tail_len, D] (this step's tokens last): append them, or rebuild from the pages.
-
-        new_keys/new_values [n, Hkv, D] are this step's tokens as the cache writer received them (None: read pages).
-        """
-        tail = self.tails.get(layer)
-        if tail is not None and new_keys is not None and tail.length + new_keys.shape[0] == tail_len:
-            tail.append(new_keys.transpose(0, 1).float(), new_values.transpose(0, 1).float())
+            kv = LayerKV(entries.keys, entries.values, entries.bias, num_entries=entries.bias.shape[1])
+            self.layers[layer] = kv
+        if kv.tail_len >= 0 and new_keys is not None and kv.tail_len + new_keys.shape[0] == tail_len:
+            kv.append(new_keys.transpose(0, 1).float(), new_values.transpose(0, 1).float())
         else:
             keys, values = read_pages()
-            tail = _GrowingTail.of(keys[:, :tail_len].float(), values[:, :tail_len].float())
-            self.tails[layer] = tail
-        return tail.keys[:, :tail_len], tail.values[:, :tail_len]
+            kv.set_tail(keys[:, :tail_len].float(), values[:, :tail_len].float())
+        return kv
 
     @property
     def nbytes(self) -> int:
-        entries = sum(e.keys.numel() * e.keys.element_size() * 2 + e.bias.numel() * 4 for e in self.entries.values())
-        return entries + sum(t.nbytes for t in self.tails.values())
+        return sum(kv.nbytes for kv in self.layers.values())
 
 
 class DenseKVCache:
@@ -104,7 +116,7 @@ class DenseKVCache:
     def __init__(self) -> None:
         self._requests: dict[str, RequestDenseKV] = {}
 
-    def for_request(self, req_id: str, segment: "CompactSegment") -> RequestDenseKV:
+    def for_request(self, req_id: str, segment: CompactSegment) -> RequestDenseKV:
         dense = self._requests.get(req_id)
         if dense is None or dense.segment is not segment:
             dense = RequestDenseKV(segment)
@@ -120,3 +132,15 @@ class DenseKVCache:
     @property
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self._requests.values())
+
+
+def decode_attention(query: Tensor, kv: LayerKV, scale: float) -> Tensor:
+    """One query token [Hq, D] over the whole buffer (its own token is the tail's last): fp32 [Hq, D]."""
+    num_heads, dim = query.shape
+    num_kv_heads = kv.keys.shape[0]
+    n = kv.length
+    q = query.float().view(num_kv_heads, num_heads // num_kv_heads, dim)
+    logits = torch.bmm(q, kv.keys[:, :n].transpose(1, 2))
+    logits.mul_(scale).add_(kv.bias[:, None, :n])
+    probs = torch.softmax(logits, dim=-1)
+    return torch.bmm(probs, kv.values[:, :n]).view(num_heads, dim)
