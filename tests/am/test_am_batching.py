@@ -322,8 +322,9 @@ def test_omp_drop_and_refill_keeps_budgets() -> None:
     """A high drop threshold forces drop/exclude/refill rounds; budgets, distinct keys and weights survive."""
     batch = clustered_batch(heads=3, n_keys=40, n_queries=80, dim=8, clusters=4, seed=101, budget=10)
     batch.budget = torch.tensor([10, 35, 40])  # 40 = every key: nothing can be refilled, so nothing is dropped
-    plain = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_rounds=0)
-    dropped = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_log_weight=0.0, drop_rounds=3)
+    plain = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_rounds=0, seed_fraction=0.0)
+    dropped = compact_heads(batch, "am-omp", holdout_fraction=0.0, drop_log_weight=0.0, drop_rounds=3,
+                            seed_fraction=0.0)
     assert_well_formed(dropped, batch, "am-omp")
     assert not torch.equal(plain.indices[0], dropped.indices[0])
     assert dropped.head(2)[0].tolist() == list(range(40))
@@ -344,3 +345,20 @@ def test_omp_candidate_pool_of_one_budget_keeps_the_highest_attention_keys() -> 
         assert float(scores[chosen].min()) >= float(scores[~chosen].max()) - 1e-6
     with pytest.raises(ValueError, match="candidate_pool"):
         compact_heads(batch, "am-omp", candidate_pool=0.5)
+
+
+def test_omp_seed_fraction_starts_from_the_highest_attention_keys() -> None:
+    """seed_fraction = f: the floor(f * budget) keys of highest RMS attention are chosen first; OMP adds the rest."""
+    batch = clustered_batch(heads=3, n_keys=64, n_queries=48, dim=16, clusters=5, seed=17, budget=12)
+    omp = compact_heads(batch, "am-omp", holdout_fraction=0.0, seed_fraction=0.75, drop_rounds=0)
+    unseeded = compact_heads(batch, "am-omp", holdout_fraction=0.0, seed_fraction=0.0, drop_rounds=0)
+    differs = False
+    for h in range(3):
+        scores = rms_scores64(batch.queries[h], batch.keys[h], float(batch.scale), None, "rms")
+        top = set(scores.topk(9).indices.tolist())  # floor(0.75 * 12)
+        chosen = set(omp.head(h)[0].tolist())
+        assert len(chosen) == 12 and top <= chosen
+        differs |= chosen != set(unseeded.head(h)[0].tolist())
+    assert differs  # the seed changes what plain OMP would have picked
+    with pytest.raises(ValueError, match="seed_fraction"):
+        compact_heads(batch, "am-omp", seed_fraction=1.0)

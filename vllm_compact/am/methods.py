@@ -254,6 +254,10 @@ class OrthogonalMatchingPursuit(AttentionMatching):
     drop_log_weight: float = -7.0
     drop_rounds: int = 3
     candidate_pool: float = 0.0
+    # OMP starts from this fraction of the budget taken by highest attention, then adds keys greedily on the mass
+    # residual: from scratch it picks keys that fit the fit queries' mass but generalise worse (SmolLM2, held out:
+    # 10x mass error 0.091 from scratch vs 0.057 seeded at 0.75, against am-highest-attention's 0.061).
+    seed_fraction: float = 0.75
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -261,9 +265,11 @@ class OrthogonalMatchingPursuit(AttentionMatching):
             raise ValueError("keys_per_step and refit_every must be >= 1, drop_rounds >= 0")
         if self.candidate_pool != 0 and self.candidate_pool < 1:
             raise ValueError(f"candidate_pool must be 0 (all keys) or >= 1, got {self.candidate_pool}")
+        if not 0.0 <= self.seed_fraction < 1.0:
+            raise ValueError(f"seed_fraction must be in [0, 1), got {self.seed_fraction}")
 
     def score_request(self, rows: QueryRows) -> ScoreRequest | None:
-        return ScoreRequest("rms", rows.fit) if self.candidate_pool else None
+        return ScoreRequest("rms", rows.fit) if self.candidate_pool or self.seed_fraction else None
 
     def select_keys(
         self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
@@ -285,7 +291,13 @@ class OrthogonalMatchingPursuit(AttentionMatching):
             bounds=self.weight_bounds,
             ridge=self.mass_ridge,
         )
-        return omp_select(batch, visibility, reference, rows.fit, settings)
+        seed = None
+        if self.seed_fraction:
+            # Start from the highest-attention keys and let OMP add the keys that repair the mass residual.
+            seed_size = torch.floor(batch.budget_per_head().double() * self.seed_fraction).long()
+            seed = top_budget(reference.key_scores, visibility.key_valid, seed_size.clamp(min=1))
+            seed = torch.where(torch.arange(seed.shape[1], device=seed.device)[None, :] < seed_size[:, None], seed, -1)
+        return omp_select(batch, visibility, reference, rows.fit, settings, seed)
 
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)

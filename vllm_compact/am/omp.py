@@ -71,6 +71,16 @@ class BatchedOmp:
     def candidates(self) -> Tensor:
         return self.key_valid & ~self.taken & ~self.excluded
 
+    def seed(self, keys: Tensor) -> None:
+        """Start from given keys: [H, k] indices, -1 padded (each head's count must be within its budget)."""
+        valid = keys >= 0
+        count = valid.sum(dim=1)
+        slots = torch.where(valid, torch.arange(keys.shape[1], device=keys.device)[None, :], self.tmax)
+        self.chosen.scatter_(1, slots, keys.clamp(min=0))
+        self.taken |= torch.zeros_like(self.taken).scatter_(1, keys.clamp(min=0), valid)
+        self.size = count
+        self.refit()
+
     def add_keys(self) -> None:
         """Append the keys most correlated with the residual, up to each head's remaining budget."""
         step = min(self.settings.keys_per_step, self.atoms.shape[1])
@@ -137,11 +147,14 @@ class BatchedOmp:
 
 
 def omp_select(
-    batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, fit_rows: Tensor, settings: OmpSettings
+    batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, fit_rows: Tensor, settings: OmpSettings,
+    seed: Tensor | None = None,
 ) -> Tensor:
-    """[H, max budget] keys chosen by batched OMP on the mass of the fit queries."""
+    """[H, max budget] keys chosen by batched OMP on the mass of the fit queries (from `seed` keys if given)."""
     atoms = mass_atoms(batch, visibility, reference, fit_rows)
     omp = BatchedOmp(atoms, visibility.key_valid, batch.budget.to(atoms.device), fit_rows, settings)
+    if seed is not None:
+        omp.seed(seed.to(atoms.device))
     omp.fill()
     for _ in range(settings.drop_rounds):
         if not omp.drop_dead():
