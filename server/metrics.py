@@ -35,6 +35,8 @@ GAUGES: tuple[tuple[str, str, str, str], ...] = (
     ("physical_tokens", "totals", "physical_tokens", "KV slots held by running requests (after compaction)."),
     ("running_requests", "totals", "running_requests", "Requests running in the engine."),
     ("reservoir_bytes", "worker", "reservoir_bytes", "Memory of the reference-query reservoirs."),
+    ("dense_copy_bytes", "worker", "dense_copy_bytes",
+     "CPU path: memory of the dense per-request copies of compacted requests' KV."),
 )
 
 

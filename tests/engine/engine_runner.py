@@ -46,7 +46,8 @@ def worker_stats(worker):
 
     state = worker_state()
     return None if state is None else {**state.stats.as_dict(), "segments": len(state.segments),
-                                       "reservoirs": len(state.reservoirs)}
+                                       "reservoirs": len(state.reservoirs), "dense_copies": len(state.dense),
+                                       "dense_copy_bytes": state.dense.nbytes}
 
 
 def main() -> None:
@@ -120,6 +121,13 @@ def main() -> None:
         for rid, r in requests.items():
             if r.get("abort_after_steps") == step:
                 engine.abort_request([rid])
+
+    if scenario.get("flush_step"):
+        # vLLM tells the worker which requests finished in the NEXT step's scheduler output; with nothing left to
+        # run there is no next step. One tiny request gives the worker that step, so its state can be inspected.
+        engine.add_request("flush", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(temperature=0.0, max_tokens=2))
+        while engine.has_unfinished_requests():
+            engine.step()
 
     final = {}
     for rid, res in results.items():

@@ -69,12 +69,17 @@ def test_pages_return_after_preemption_and_abort(tiny_model_path, tmp_path):
 
 
 def test_memory_pressure_compacts_instead_of_preempting(tiny_model_path, tmp_path):
-    result = run_scenario(_pressure_scenario(tiny_model_path, memory_pressure=True), tmp_path)
+    result = run_scenario({**_pressure_scenario(tiny_model_path, memory_pressure=True), "flush_step": True}, tmp_path)
     stats = result["stats"]
     assert stats["scheduler"]["pressure_steps"] > 0
     assert stats["worker"]["compactions"] > 0
     assert sum(stats["preemptions"].values()) == 0
     assert stats["free_final"] == stats["free_initial"]
+    # compaction state of finished (and aborted) requests is gone too: segments, query reservoirs, dense KV copies
+    # (only the flush request's own reservoir may remain: it finished in the last step)
+    assert (stats["worker"]["segments"], stats["worker"]["dense_copies"]) == (0, 0)
+    assert stats["worker"]["reservoirs"] <= 1
+    assert stats["worker"]["dense_copy_bytes"] == 0
     done = [r for r in result["requests"].values() if not r.get("aborted")]
     assert all(len(r["token_ids"]) == 100 for r in done)
 

@@ -11,7 +11,8 @@ def snapshot(compactions: int = 0, seconds: tuple[float, ...] = (), physical: in
         "scheduler": {"plans": compactions, "tokens_compacted": 64 * compactions, "pages_freed": 2 * compactions,
                       "pressure_steps": 0},
         "worker": {"compactions": compactions, "failures": 0, "heads_fell_back": 0, "seconds_total": sum(seconds),
-                   "seconds_hist": seconds_histogram(seconds), "reservoir_bytes": 4096},
+                   "seconds_hist": seconds_histogram(seconds), "reservoir_bytes": 4096,
+                   "dense_copy_bytes": 8192},
         "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": 1 if logical else 0},
     }
 

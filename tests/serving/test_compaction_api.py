@@ -253,6 +253,7 @@ def test_prometheus_collector_reads_the_file(tmp_path):
         "vllm_compact_pages_freed_total 6.0",
         "vllm_compact_logical_tokens 320.0",
         "vllm_compact_physical_tokens 96.0",
+        "vllm_compact_dense_copy_bytes 8192.0",
         'vllm_compact_compaction_seconds_bucket{le="0.0025"} 0.0',
         'vllm_compact_compaction_seconds_bucket{le="0.005"} 1.0',
         'vllm_compact_compaction_seconds_bucket{le="0.025"} 2.0',

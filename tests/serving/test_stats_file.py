@@ -127,7 +127,8 @@ def test_the_worker_file_becomes_the_worker_section(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_COMPACT_STATS_PATH", str(path))
     assert WorkerStatsFileWriter.from_env(rank=1) is None  # only rank 0 writes
     writer = WorkerStatsFileWriter.from_env(rank=0)
-    stats = worker_stats(compactions=2, failures=1, heads_fell_back=3, seconds=[0.02, 0.3], reservoir_bytes=512)
+    stats = worker_stats(compactions=2, failures=1, heads_fell_back=3, seconds=[0.02, 0.3], reservoir_bytes=512,
+                         dense_copy_bytes=2048)
     assert writer.maybe_write(lambda: stats)
     assert not writer.maybe_write(lambda: stats)  # throttled
     assert writer.maybe_write(lambda: {**stats, "compactions": 3}, force=True)

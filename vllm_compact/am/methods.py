@@ -296,7 +296,8 @@ class OrthogonalMatchingPursuit(AttentionMatching):
             # Start from the highest-attention keys and let OMP add the keys that repair the mass residual.
             seed_size = torch.floor(batch.budget_per_head().double() * self.seed_fraction).long()
             seed = top_budget(reference.key_scores, visibility.key_valid, seed_size.clamp(min=1))
-            seed = torch.where(torch.arange(seed.shape[1], device=seed.device)[None, :] < seed_size[:, None], seed, -1)
+            in_seed = torch.arange(seed.shape[1], device=seed.device)[None, :] < seed_size[:, None]
+            seed = torch.where(in_seed, seed, -1)
         return omp_select(batch, visibility, reference, rows.fit, settings, seed)
 
 

@@ -241,6 +241,7 @@ class CompactionScheduler(Scheduler):
                 "seconds_total": sum(wstats.seconds) if wstats else 0.0,
                 "seconds_hist": seconds_histogram(wstats.seconds if wstats else []),
                 "reservoir_bytes": wstats.reservoir_bytes if wstats else 0,
+                "dense_copy_bytes": wstate.dense.nbytes if wstate is not None else 0,
             },
             "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": len(self.running)},
         }

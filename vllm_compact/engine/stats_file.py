@@ -46,6 +46,7 @@ class WorkerStats(TypedDict):
     seconds_total: float
     seconds_hist: SecondsHistogram
     reservoir_bytes: int
+    dense_copy_bytes: int  # CPU path: dense copies of compacted requests' KV (engine/dense_cache.py)
 
 
 class Totals(TypedDict):
@@ -87,11 +88,11 @@ def worker_stats_path(stats_path: str | os.PathLike) -> Path:
 
 
 def worker_stats(compactions: int, failures: int, heads_fell_back: int, seconds: Iterable[float],
-                 reservoir_bytes: int) -> WorkerStats:
+                 reservoir_bytes: int, dense_copy_bytes: int = 0) -> WorkerStats:
     seconds = list(seconds)
     return WorkerStats(compactions=compactions, failures=failures, heads_fell_back=heads_fell_back,
                        seconds_total=float(sum(seconds)), seconds_hist=seconds_histogram(seconds),
-                       reservoir_bytes=reservoir_bytes)
+                       reservoir_bytes=reservoir_bytes, dense_copy_bytes=dense_copy_bytes)
 
 
 def _write_json_atomically(path: str | os.PathLike, value: dict) -> None:

@@ -57,7 +57,7 @@ class CompactionCPUModelRunner(CPUModelRunner):
                 stats = state.stats
                 self._stats_file.maybe_write(
                     lambda: worker_stats(stats.compactions, stats.failures, stats.heads_fell_back, stats.seconds,
-                                         stats.reservoir_bytes),
+                                         stats.reservoir_bytes, state.dense.nbytes),
                     force=step is not None,
                 )
         return super().execute_model(scheduler_output, intermediate_tensors)
