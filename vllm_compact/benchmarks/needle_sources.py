@@ -104,11 +104,15 @@ class _Replica:
             caches.append(LayerCache.cat([head, entries, self.recent[layer]]))
         return caches
 
-    def answer(self, cache) -> str:
+    def question_logits(self, cache):
+        """Logits of the question tokens over `cache` at their original positions, and the grown cache."""
         cache = list(cache)  # forward appends per layer: keep the caller's list intact
-        position = self.document_len
-        logits = self.reference.forward(self.question, list(range(position, position + len(self.question))), cache)
-        position += len(self.question)
+        positions = list(range(self.document_len, self.document_len + len(self.question)))
+        return self.reference.forward(self.question, positions, cache), cache
+
+    def answer(self, cache) -> str:
+        logits, cache = self.question_logits(cache)
+        position = self.document_len + len(self.question)
         tokens = []
         for _ in range(self.args.answer_tokens):
             tokens.append(int(logits[-1].argmax()))
@@ -168,7 +172,8 @@ def _markdown(rows: list[dict], args, elapsed: float) -> str:
         "# Needle retention by reference-query source (offline replica of the engine's compaction)",
         "",
         f"Command: `vllm-compact bench needle-sources --contexts {' '.join(map(str, args.contexts))} --ratios "
-        f"{' '.join(f'{r:g}' for r in args.ratios)} --methods {' '.join(args.methods)}`; model {args.model}; "
+        f"{' '.join(f'{r:g}' for r in args.ratios)} --methods {' '.join(args.methods)} --sources "
+        f"{' '.join(args.sources)}`; model {args.model}; "
         f"recent window {args.recent}, protected {args.protected}, at most {args.max_queries} queries per KV head "
         f"and source; {platform.machine()} CPU x{os.cpu_count()}; {elapsed / 60:.1f} min.",
         "",
