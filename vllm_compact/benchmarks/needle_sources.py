@@ -46,16 +46,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _strided(queries, cap: int):
-    """[L, Hkv, N, D] -> at most `cap` evenly strided queries per KV head."""
-    import torch
-
-    n = queries.shape[2]
-    if cap <= 0 or n <= cap:
-        return queries
-    return queries[:, :, torch.linspace(0, n - 1, cap).round().long()]
-
-
 class _Replica:
     """One needle prompt: its captured span, the recent window's cache, and decoding over a compacted cache."""
 
@@ -84,15 +74,16 @@ class _Replica:
         import torch
 
         from vllm_compact.am import HeadBatch, compact_heads, uniform_budgets
+        from vllm_compact.benchmarks.am import reference_queries
         from vllm_compact.benchmarks.reference_llama import LayerCache, compact_layer_cache
 
         cap, protected = self.captured, self.args.protected
-        queries = torch.cat([_strided(cap.queries[name], self.args.max_queries) for name in source.split("+")], 2)
+        queries = torch.cat([reference_queries(cap, name, self.args.max_queries)[0] for name in source.split("+")], 1)
         keys = cap.keys[:, :, protected:].flatten(0, 1)
         num_layers, num_kv_heads = cap.keys.shape[:2]
         key_len = torch.full((keys.shape[0],), keys.shape[1])
         batch = HeadBatch(keys=keys, values=cap.values[:, :, protected:].flatten(0, 1),
-                          queries=queries.flatten(0, 1), scale=cap.scale,
+                          queries=queries, scale=cap.scale,
                           budget=uniform_budgets(key_len, ratio), key_len=key_len)
         compacted = compact_heads(batch, method)
         caches = []

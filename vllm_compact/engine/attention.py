@@ -24,10 +24,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_compact.engine.dense_cache import LayerKV, decode_attention
 from vllm_compact.engine.layout import compact_page_view, stock_block_layout
 from vllm_compact.engine.state import CompactSegment, worker_state
 from vllm_compact.kernels import merge_attention
-from vllm_compact.engine.dense_cache import LayerKV, decode_attention
 from vllm_compact.kernels.compact_attention import attend_entries
 
 
@@ -156,16 +156,14 @@ def tail_attention(
     num_kv_heads, tail_len, _ = keys.shape
     group = num_heads // num_kv_heads
     q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
+    mask = _causal_tail_mask(nq, tail_len, group)
     fused = _fused_attention_with_lse()
     if fused is not None:
-        mask = _causal_tail_mask(nq, tail_len, group)
         out, lse = fused(q[None], keys.float()[None], values.float()[None], 0.0, False, attn_mask=mask[None, None],
                          scale=scale)[:2]
         out, lse = out[0], lse[0]
     else:
-        logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale  # [Hkv, G*nq, t]
-        hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
-        logits = logits.masked_fill(hidden.repeat(group, 1), float("-inf"))
+        logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale + mask  # [Hkv, G*nq, t]
         lse = torch.logsumexp(logits, dim=-1)
         out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
     out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
