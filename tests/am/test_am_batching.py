@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from vllm_compact.am import METHODS, CompactedHeads, HeadBatch, compact_heads
 from vllm_compact.am.fitting import split_queries
+from vllm_compact.am.selection import mark_keys
 
 from .reference import attend64, clustered_batch, compact_attention, head_inputs, original_attention, rms_scores64
 
@@ -362,3 +363,34 @@ def test_omp_seed_fraction_starts_from_the_highest_attention_keys() -> None:
     assert differs  # the seed changes what plain OMP would have picked
     with pytest.raises(ValueError, match="seed_fraction"):
         compact_heads(batch, "am-omp", seed_fraction=1.0)
+
+
+def test_omp_seed_with_padding_never_repeats_a_key() -> None:
+    """Found by CI: heads whose seed is shorter than the longest one are -1 padded; the padding must not unmark the
+    head's real seed key 0, or OMP picks key 0 a second time."""
+    gen = torch.Generator().manual_seed(3)
+    batch = HeadBatch(
+        keys=torch.randn(3, 3, 2, generator=gen),
+        values=torch.randn(3, 3, 2, generator=gen),
+        queries=torch.tensor([[[-2.2188, 0.2590]], [[-1.0297, -0.5008]], [[0.2734, -0.9181]]]),
+        scale=2**-0.5,
+        budget=torch.tensor([2, 3, 1]),
+        key_len=torch.tensor([2, 3, 1]),
+        query_len=torch.tensor([1, 0, 0]),
+    )
+    batch.keys[0, :2] = torch.tensor([[-1.1258, -1.1524], [0.5667, 0.7935]])  # key 0 is the seed of head 0
+    result = compact_heads(batch, "am-omp")
+    assert_well_formed(result, batch, "am-omp")
+    assert result.head(0)[0].tolist() == [0, 1]
+
+
+def test_mark_keys_ignores_unmarked_duplicates() -> None:
+    keys = torch.tensor([[0, -1, 0, 2], [3, 3, 1, 1]])
+    mark = torch.tensor([[True, False, False, True], [False, True, True, False]])
+    expected = torch.zeros(2, 4, dtype=torch.bool)
+    for h in range(2):
+        for j in range(4):
+            if mark[h, j]:
+                expected[h, keys[h, j]] = True
+    for _ in range(5):  # scatter order is unspecified: repeat
+        assert torch.equal(mark_keys(keys, mark, 4), expected)

@@ -38,6 +38,7 @@ from vllm_compact.am.selection import (
     all_keys,
     attention_scores,
     gather_entries,
+    mark_keys,
     max_pool_positions,
     recency_scores,
     top_budget,
@@ -280,7 +281,7 @@ class OrthogonalMatchingPursuit(AttentionMatching):
             budget = batch.budget_per_head()
             pool_size = torch.minimum(torch.ceil(budget.double() * self.candidate_pool).long(), batch.key_lengths())
             pool = top_budget(reference.key_scores, visibility.key_valid, pool_size)
-            in_pool = torch.zeros_like(visibility.key_valid).scatter_(1, pool.clamp(min=0), pool >= 0)
+            in_pool = mark_keys(pool, pool >= 0, visibility.key_valid.shape[1])
             visibility = Visibility(visibility.query_valid, visibility.key_valid & in_pool, visibility.query_pos,
                                     visibility.key_pos)
         settings = OmpSettings(

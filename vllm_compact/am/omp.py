@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from vllm_compact.am.attention import NEG_INF, ReferenceAttention, Visibility
-from vllm_compact.am.selection import sorted_with_padding
+from vllm_compact.am.selection import mark_keys, sorted_with_padding
 from vllm_compact.am.types import HeadBatch
 from vllm_compact.kernels import nnls_pg
 
@@ -77,7 +77,7 @@ class BatchedOmp:
         count = valid.sum(dim=1)
         slots = torch.where(valid, torch.arange(keys.shape[1], device=keys.device)[None, :], self.tmax)
         self.chosen.scatter_(1, slots, keys.clamp(min=0))
-        self.taken |= torch.zeros_like(self.taken).scatter_(1, keys.clamp(min=0), valid)
+        self.taken |= mark_keys(keys, valid, self.taken.shape[1])
         self.size = count
         self.refit()
 
@@ -130,10 +130,7 @@ class BatchedOmp:
         order = self.weight.masked_fill(~dead, float("inf")).argsort(dim=1).argsort(dim=1)
         drop = dead & (order < n_drop[:, None])
         slots = self.chosen[:, : self.tmax]
-        n_keys = self.taken.shape[1]
-        # Scatter only the dropped slots (others go to a scratch column): stale slot indices may repeat keys.
-        marks = torch.zeros(self.taken.shape[0], n_keys + 1, dtype=torch.bool, device=slots.device)
-        dropped_keys = marks.scatter_(1, torch.where(drop, slots, n_keys), True)[:, :n_keys]
+        dropped_keys = mark_keys(slots, drop, self.taken.shape[1])
         self.excluded |= dropped_keys
         self.taken &= ~dropped_keys
         keep_first = (~(valid & ~drop)).to(torch.int8).argsort(dim=1, stable=True)

@@ -67,6 +67,15 @@ def top_budget(scores: Tensor, key_valid: Tensor, budget: Tensor) -> Tensor:
     return sorted_with_padding(torch.where(keep, top, -1))
 
 
+def mark_keys(keys: Tensor, mark: Tensor, n_keys: int) -> Tensor:
+    """[H, n_keys] bool: True at keys[h, j] where mark[h, j] (unmarked entries may hold any index, e.g. -1 padding).
+
+    Unmarked entries scatter into a scratch column: a plain scatter of `mark` would let an unmarked duplicate of a
+    marked key overwrite its True (which write wins is unspecified)."""
+    marks = torch.zeros(keys.shape[0], n_keys + 1, dtype=torch.bool, device=keys.device)
+    return marks.scatter_(1, torch.where(mark, keys, n_keys), True)[:, :n_keys]
+
+
 def sorted_with_padding(indices: Tensor) -> Tensor:
     """Sort each row's indices ascending, keeping -1 padding at the end."""
     big = torch.iinfo(torch.int64).max
