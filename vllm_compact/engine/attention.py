@@ -149,23 +149,45 @@ def tail_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of a request's last `nq` tokens over its physical tail, with log-sum-exp.
 
-    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens. The GQA group is
-    folded into the query rows, so every KV head is read once.
+    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens. Computed in the
+    query's dtype (the model's, as vLLM's own attention); output fp32 [nq, Hq, D], log-sum-exp fp32 [nq, Hq].
     """
+    fused = _fused_attention_with_lse()
+    if fused is None:
+        return _masked_tail_attention(query, keys, values, scale)
+    nq, num_heads, dim = query.shape
+    num_kv_heads, tail_len, _ = keys.shape
+    group = num_heads // num_kv_heads
+    dtype = query.dtype
+    # The chunk's own keys: a square causal block, where the kernel's causal mode skips the hidden half (a dense
+    # bottom-right mask would make it compute all of it).
+    own_keys = keys[:, tail_len - nq :].to(dtype).repeat_interleave(group, dim=0)
+    own_values = values[:, tail_len - nq :].to(dtype).repeat_interleave(group, dim=0)
+    out, lse = fused(query.transpose(0, 1)[None], own_keys[None], own_values[None], 0.0, True, scale=scale)[:2]
+    out, lse = out[0].transpose(0, 1).float(), lse[0].transpose(0, 1)
+    if tail_len == nq:
+        return out, lse
+    # Earlier tail keys are visible to every query: no mask, GQA group folded into the rows (each KV head read once).
+    q = query.view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * nq, dim)
+    before = slice(0, tail_len - nq)
+    past_out, past_lse = fused(q, keys[None, :, before].to(dtype), values[None, :, before].to(dtype), 0.0, False,
+                               scale=scale)[:2]
+    past_out = past_out[0].view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
+    past_lse = past_lse[0].view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_heads)
+    return merge_attention(out, lse, past_out, past_lse)
+
+
+def _masked_tail_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """tail_attention in plain fp32 matmuls with a bottom-right causal mask (torch builds without the fused op)."""
     nq, num_heads, dim = query.shape
     num_kv_heads, tail_len, _ = keys.shape
     group = num_heads // num_kv_heads
     q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
-    mask = _causal_tail_mask(nq, tail_len, group)
-    fused = _fused_attention_with_lse()
-    if fused is not None:
-        out, lse = fused(q[None], keys.float()[None], values.float()[None], 0.0, False, attn_mask=mask[None, None],
-                         scale=scale)[:2]
-        out, lse = out[0], lse[0]
-    else:
-        logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale + mask  # [Hkv, G*nq, t]
-        lse = torch.logsumexp(logits, dim=-1)
-        out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
+    logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale + _causal_tail_mask(nq, tail_len, group)
+    lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G*nq]
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
     out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
     lse = lse.view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_heads)
     return out, lse

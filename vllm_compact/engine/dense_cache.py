@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vllm_compact.kernels.compact_attention import SegmentEntries, gather_segment
@@ -135,12 +135,15 @@ class DenseKVCache:
 
 
 def decode_attention(query: Tensor, kv: LayerKV, scale: float) -> Tensor:
-    """One query token [Hq, D] over the whole buffer (its own token is the tail's last): fp32 [Hq, D]."""
+    """One query token [Hq, D] over the whole buffer (its own token is the tail's last): fp32 [Hq, D].
+
+    One fused call (beta as the additive mask, the GQA group as the query rows): decode runs this once per layer
+    for every compacted request, so per-op overhead is what it costs."""
     num_heads, dim = query.shape
     num_kv_heads = kv.keys.shape[0]
     n = kv.length
-    q = query.float().view(num_kv_heads, num_heads // num_kv_heads, dim)
-    logits = torch.bmm(q, kv.keys[:, :n].transpose(1, 2))
-    logits.mul_(scale).add_(kv.bias[:, None, :n])
-    probs = torch.softmax(logits, dim=-1)
-    return torch.bmm(probs, kv.values[:, :n]).view(num_heads, dim)
+    q = query.float().view(1, num_kv_heads, num_heads // num_kv_heads, dim)
+    out = F.scaled_dot_product_attention(
+        q, kv.keys[None, :, :n], kv.values[None, :, :n], attn_mask=kv.bias[None, :, None, :n], scale=scale
+    )
+    return out.view(num_heads, dim)
