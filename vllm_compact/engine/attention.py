@@ -155,7 +155,7 @@ def tail_attention(
     fused = _fused_attention_with_lse()
     if fused is None:
         return _masked_tail_attention(query, keys, values, scale)
-    nq, num_heads, dim = query.shape
+    nq, num_heads, _ = query.shape
     num_kv_heads, tail_len, _ = keys.shape
     group = num_heads // num_kv_heads
     dtype = query.dtype
@@ -168,28 +168,39 @@ def tail_attention(
     if tail_len == nq:
         return out, lse
     # Earlier tail keys are visible to every query: no mask, GQA group folded into the rows (each KV head read once).
-    q = query.view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * nq, dim)
     before = slice(0, tail_len - nq)
-    past_out, past_lse = fused(q, keys[None, :, before].to(dtype), values[None, :, before].to(dtype), 0.0, False,
-                               scale=scale)[:2]
-    past_out = past_out[0].view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
-    past_lse = past_lse[0].view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_heads)
-    return merge_attention(out, lse, past_out, past_lse)
+    past_out, past_lse = fused(_fold_group(query, num_kv_heads)[None], keys[None, :, before].to(dtype),
+                               values[None, :, before].to(dtype), 0.0, False, scale=scale)[:2]
+    return merge_attention(out, lse, *_unfold_group(past_out[0], past_lse[0], nq))
 
 
 def _masked_tail_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tail_attention in plain fp32 matmuls with a bottom-right causal mask (torch builds without the fused op)."""
-    nq, num_heads, dim = query.shape
+    nq, num_heads, _ = query.shape
     num_kv_heads, tail_len, _ = keys.shape
-    group = num_heads // num_kv_heads
-    q = query.float().view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
-    logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale + _causal_tail_mask(nq, tail_len, group)
+    q = _fold_group(query.float(), num_kv_heads)
+    logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale
+    logits += _causal_tail_mask(nq, tail_len, num_heads // num_kv_heads)
     lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G*nq]
     out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
-    out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_heads, dim)
-    lse = lse.view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_heads)
+    return _unfold_group(out, lse, nq)
+
+
+def _fold_group(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[nq, Hq, D] -> [Hkv, G*nq, D]: each KV head's GQA group stacked as query rows (group-major)."""
+    nq, num_heads, dim = query.shape
+    group = num_heads // num_kv_heads
+    return query.view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
+
+
+def _unfold_group(out: torch.Tensor, lse: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _fold_group for an attention's output [Hkv, G*nq, D] and log-sum-exp [Hkv, G*nq]."""
+    num_kv_heads, rows, dim = out.shape
+    group = rows // nq
+    out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_kv_heads * group, dim)
+    lse = lse.view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_kv_heads * group)
     return out, lse
 
 

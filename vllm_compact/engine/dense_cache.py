@@ -137,8 +137,8 @@ class DenseKVCache:
 def decode_attention(query: Tensor, kv: LayerKV, scale: float) -> Tensor:
     """One query token [Hq, D] over the whole buffer (its own token is the tail's last): fp32 [Hq, D].
 
-    One fused call (beta as the additive mask, the GQA group as the query rows): decode runs this once per layer
-    for every compacted request, so per-op overhead is what it costs."""
+    One fused call (beta as the additive mask, the GQA group as the query rows) instead of five ops; it runs once per
+    layer for every compacted request, and its cost there is mostly reading the request's buffer from memory."""
     num_heads, dim = query.shape
     num_kv_heads = kv.keys.shape[0]
     n = kv.length
