@@ -82,6 +82,9 @@ def main(argv: list[str]) -> int:
     except CompactionFlagError as e:
         return _fail(str(e))
 
+    from vllm_compact.server.memory import apply_cpu_kv_cache_default
+
+    apply_cpu_kv_cache_default(args, argv)
     if args.model_tag is not None:
         args.model_tag = resolve_model(args.model_tag)
         args.model = args.model_tag

@@ -9,9 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vllm_compact.am.methods import METHODS
+
 ENV_VAR = "VLLM_COMPACT_CONFIG"
 
-MethodName = Literal["am-highest-attention", "am-omp", "snapkv", "h2o", "recent", "none"]
+MethodName = Literal[METHODS]  # the method registry is the one list of methods
 QuerySource = Literal["after", "context", "context-causal", "repeat"]
 
 

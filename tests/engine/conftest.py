@@ -14,12 +14,13 @@ import torch
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-def run_scenario(scenario: dict, tmp_path: Path, timeout: int = 1800) -> dict:
+def run_scenario(scenario: dict, tmp_path: Path, timeout: int = 1800, env: dict | None = None) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "scenario.json"
     out = tmp_path / "result.pt"
     spec.write_text(json.dumps(scenario))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           **(env or {})}
     proc = subprocess.run([sys.executable, str(RUNNER), str(spec), str(out)], capture_output=True, text=True,
                           timeout=timeout, env=env)
     if proc.returncode != 0:

@@ -70,7 +70,8 @@ def main() -> None:
     requests = {r["id"]: r for r in scenario["requests"]}
     for r in scenario["requests"]:
         params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], logprobs=r.get("logprobs"),
-                                prompt_logprobs=r.get("prompt_logprobs"), ignore_eos=True)
+                                prompt_logprobs=r.get("prompt_logprobs"), ignore_eos=True,
+                                extra_args=r.get("extra_args"))
         engine.add_request(r["id"], {"prompt_token_ids": r["prompt_token_ids"]}, params)
 
     def internal_id(external: str) -> str | None:

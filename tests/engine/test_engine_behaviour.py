@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -103,4 +104,56 @@ def test_repeated_compaction_bounds_physical_length(tiny_model_path, tmp_path):
     # head page + trigger + recent window + a page of slack + the compact pages, never the logical length.
     assert stats["max_physical"]["g"] <= (pool_blocks - 1) * BLOCK
     assert len(record["events"]) >= 8
+    assert stats["free_final"] == stats["free_initial"]
+
+
+def _every_method_scenario(tiny_model_path: str) -> dict:
+    from vllm_compact.am import METHODS
+
+    return {
+        "model": tiny_model_path,
+        "compaction": {"trigger_tokens": 64, "recent_window_tokens": 32, "protected_initial_tokens": 1, "ratio": 4},
+        "engine": {"block_size": BLOCK, "max_num_batched_tokens": 256, "max_model_len": 1024},
+        "requests": [
+            {"id": method, "prompt_token_ids": _prompt(300, 20 + i), "max_tokens": 24, "logprobs": 1,
+             "extra_args": {"kv_compaction_method": method, "kv_compaction_ratio": 4 + i}}
+            for i, method in enumerate(METHODS)
+        ],
+        "flush_step": True,
+    }
+
+
+def test_every_registered_method_runs_through_the_engine(tiny_model_path, tmp_path):
+    """Each method the config accepts, asked per request (with its own ratio), compacts (or, for `none`, keeps the
+    request uncompacted) and finishes; every page returns."""
+    from vllm_compact.am import method_class
+
+    result = run_scenario(_every_method_scenario(tiny_model_path), tmp_path)
+    stats = result["stats"]
+    for method, record in result["requests"].items():
+        assert len(record["token_ids"]) == 24, method
+        compacted = bool(record["events"])
+        assert compacted == method_class(method).compacts, method
+        if compacted:
+            block = stats["block_size"]
+            event = record["events"][0]
+            span = (event["end_block"] - event["start_block"]) * block
+            lengths = [len(head[0]) for layer in event["layers"] for head in layer]
+            assert max(lengths) <= round(span / (4 + list(result["requests"]).index(method))) + 1, method
+    assert stats["worker"]["failures"] == 0
+    assert stats["free_final"] == stats["free_initial"]
+
+
+def test_failing_solves_never_lose_a_request(tiny_model_path, tmp_path):
+    """Half the solves raise or return NaN (test-only fault switch): every request still finishes with finite
+    log-probs, failures are counted, every page returns."""
+    result = run_scenario(_every_method_scenario(tiny_model_path), tmp_path,
+                          env={"VLLM_COMPACT_FAULTS": "rate=0.5,seed=1"})
+    stats = result["stats"]
+    assert stats["worker"]["faults_injected"] > 0
+    # a failure is a compaction that needed a fallback; a fallback can be hit by a fault too
+    assert 0 < stats["worker"]["failures"] <= stats["worker"]["faults_injected"]
+    for method, record in result["requests"].items():
+        assert len(record["token_ids"]) == 24, method
+        assert all(math.isfinite(lp) for step in record["logprobs"] for lp in step.values()), method
     assert stats["free_final"] == stats["free_initial"]

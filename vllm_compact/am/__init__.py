@@ -11,6 +11,7 @@ from vllm_compact.am.methods import (
     EvictionMethod,
     compact_heads,
     get_method,
+    method_class,
     method_options,
 )
 from vllm_compact.am.metrics import attention_errors
@@ -26,6 +27,7 @@ __all__ = [
     "attention_errors",
     "compact_heads",
     "get_method",
+    "method_class",
     "method_options",
     "proportional_budgets",
     "uniform_budgets",

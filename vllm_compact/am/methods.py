@@ -49,9 +49,18 @@ _REGISTRY: dict[str, type[CompactionMethod]] = {}
 
 
 class CompactionMethod(ABC):
-    """Compacts every head of a batch to its budget."""
+    """Compacts every head of a batch to its budget.
+
+    Capabilities, read by the engine and the config instead of testing names:
+    compacts: keeps at most the budget (False: keeps every key, frees nothing);
+    needs_queries: selection reads reference queries (False: position-based, works without any);
+    fits: beta and values are solved (AM: takes value_ridge), not kept as they were.
+    """
 
     name: ClassVar[str]
+    compacts: ClassVar[bool] = True
+    needs_queries: ClassVar[bool] = True
+    fits: ClassVar[bool] = False
 
     @abstractmethod
     def compact(self, batch: HeadBatch) -> CompactedHeads: ...
@@ -110,6 +119,7 @@ class Recent(EvictionMethod):
     """The newest `budget` keys (largest key_pos when given, else the last in the span)."""
 
     name: ClassVar[str] = "recent"
+    needs_queries: ClassVar[bool] = False
 
     def select(self, batch: HeadBatch) -> Tensor:
         return top_budget(recency_scores(batch), batch.key_valid(), batch.budget_per_head())
@@ -121,6 +131,8 @@ class KeepAll(EvictionMethod):
     """No compaction: every valid key stays (budget ignored, length = key_len)."""
 
     name: ClassVar[str] = "none"
+    compacts: ClassVar[bool] = False
+    needs_queries: ClassVar[bool] = False
 
     def compact(self, batch: HeadBatch) -> CompactedHeads:
         batch.validate(check_budget=False)
@@ -148,6 +160,7 @@ class AttentionMatching(CompactionMethod):
     chunk_elements: heads are solved in chunks of about this many query x key pairs (bounds memory).
     """
 
+    fits: ClassVar[bool] = True
     weight_bounds: tuple[float, float] = (math.exp(-3.0), math.exp(3.0))
     pg_iters: int = 2
     mass_ridge: float = 1e-6
@@ -305,11 +318,16 @@ class OrthogonalMatchingPursuit(AttentionMatching):
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def get_method(name: str, **options: object) -> CompactionMethod:
-    """The method registered under `name`, configured with `options` (its dataclass fields)."""
+def method_class(name: str) -> type[CompactionMethod]:
+    """The class registered under `name` (its capabilities are class attributes)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown compaction method {name!r}; known: {', '.join(METHODS)}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **options: object) -> CompactionMethod:
+    """The method registered under `name`, configured with `options` (its dataclass fields)."""
+    cls = method_class(name)
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(options) - known)
     if unknown:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_compact.am import HeadBatch, compact_heads
+from vllm_compact.am import HeadBatch, compact_heads, method_class
 from vllm_compact.engine.layout import StockBlockLayout, compact_page_view
+from vllm_compact.engine.faults import FaultInjector
 from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
 from vllm_compact.engine.state import CompactSegment, WorkerCompactionState
 
@@ -58,6 +59,7 @@ class SegmentCompactor:
         self.state = state
         self.layout = layout
         self.geo = geometry
+        self.faults = FaultInjector.from_env()
 
     # ---- gather -----------------------------------------------------------------------------------------------
 
@@ -120,18 +122,23 @@ class SegmentCompactor:
     # ---- solve ------------------------------------------------------------------------------------------------
 
     def _solve(self, batch: HeadBatch, method: str):
+        """The method's result, else the first fallback that succeeds with finite numbers (counted as failures)."""
         methods = (method,) + tuple(m for m in FALLBACK_METHODS if m != method)
         for i, name in enumerate(methods):
-            if name != "recent" and int(batch.query_len.min()) == 0:
-                continue  # no reference queries for some head: only position-based eviction applies
+            cls = method_class(name)
+            if cls.needs_queries and int(batch.query_len.min()) == 0:
+                continue  # no reference queries: only position-based eviction applies
             try:
-                options = {"value_ridge": self.state.config.value_ridge} if name.startswith("am-") else {}
-                result = compact_heads(batch, name, **options)
-                if i > 0:
-                    self.state.stats.failures += 1
-                return result
+                options = {"value_ridge": self.state.config.value_ridge} if cls.fits else {}
+                result = self.faults.solve(compact_heads, batch, name, **options)
+                if not _finite(result):
+                    raise FloatingPointError(f"{name} returned non-finite entries")
             except Exception:  # noqa: BLE001 - contained: the request goes on with a cheaper method
                 logger.exception("vllm-compact: compaction with %s failed; falling back", name)
+                continue
+            if i > 0:
+                self.state.stats.failures += 1
+            return result
         raise RuntimeError("every compaction method failed")
 
     # ---- write ------------------------------------------------------------------------------------------------
@@ -161,22 +168,48 @@ class SegmentCompactor:
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
 
     def execute(self, step: CompactionStep) -> None:
+        """Every plan ends with a written segment: the scheduler has already given its source pages back."""
         by_method: dict[str, list[RequestCompactionPlan]] = {}
         for plan in step.plans:
-            by_method.setdefault(plan.method, []).append(plan)
+            reservoir = self.state.reservoirs.get(plan.req_id)
+            has_queries = reservoir is not None and reservoir.size > 0
+            method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
+            by_method.setdefault(method, []).append(plan)
         for method, plans in by_method.items():
-            self._execute_batch(method, plans)
+            try:
+                self._execute_batch(method, plans)
+            except Exception:  # noqa: BLE001 - a step with several requests: retry each alone, then evict
+                logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
+                for plan in plans:
+                    self._execute_alone(method, plan)
 
-    def _execute_batch(self, method: str, plans: list[RequestCompactionPlan]) -> None:
+    def _execute_alone(self, method: str, plan: RequestCompactionPlan) -> None:
+        try:
+            self._execute_batch(method, [plan])
+        except Exception:  # noqa: BLE001 - last resort: the newest keys of the span, a copy that needs no solve
+            logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
+            self.state.stats.failures += 1
+            self._execute_batch("recent", [plan], faults=False)
+
+    def _execute_batch(self, method: str, plans: list[RequestCompactionPlan], faults: bool = True) -> None:
         """Every (request, layer, KV head) of these plans in one call of the AM core."""
         started = time.perf_counter()
         inputs: list[_HeadInput] = []
         for plan in plans:
             inputs.extend(self._head_inputs(plan))
-        result = self._solve(self._batch(inputs), method)
+        batch = self._batch(inputs)
+        result = self._solve(batch, method) if faults else compact_heads(batch, method)
         heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
-        for i, plan in enumerate(plans):
-            self.state.segments[plan.req_id] = self._write(plan, result, i * heads_per_plan)
+        segments = [self._write(plan, result, i * heads_per_plan) for i, plan in enumerate(plans)]
+        for plan, segment in zip(plans, segments):
+            self.state.segments[plan.req_id] = segment
         self.state.stats.compactions += len(plans)
         self.state.stats.heads_fell_back += int(result.fell_back.sum())
+        self.state.stats.faults_injected = self.faults.injected
         self.state.stats.seconds.append(time.perf_counter() - started)
+
+
+def _finite(result) -> bool:
+    valid = result.indices >= 0
+    return bool(torch.isfinite(result.keys[valid]).all() and torch.isfinite(result.values[valid]).all()
+                and torch.isfinite(result.beta[valid]).all())

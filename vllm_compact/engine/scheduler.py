@@ -14,6 +14,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from vllm_compact.am.methods import method_class
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.budgets import HeadBudgetPolicy
 from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
@@ -113,7 +114,7 @@ class CompactionScheduler(Scheduler):
 
     def _candidate(self, request: Request, under_pressure: bool) -> _Candidate | None:
         cfg = self._request_config(request)
-        if not cfg.enabled:
+        if not cfg.enabled or not method_class(cfg.method).compacts:
             return None
         bs = self.block_size
         computed = request.num_computed_tokens  # before this step: those pages are full and stable

@@ -50,6 +50,11 @@ class QueryReservoir:
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
 
+    @property
+    def size(self) -> int:
+        """Queries held (of the layer with the fewest: every layer sees the same tokens)."""
+        return min(min(self.count), self.capacity)
+
     def append(self, layer: int, queries: torch.Tensor) -> None:
         queries = queries[-self.capacity :]
         n = queries.shape[0]
