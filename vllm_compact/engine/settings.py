@@ -29,8 +29,11 @@ def activate(config: CompactionConfig) -> dict:
     """Export the config to every vLLM process and return the engine kwargs that install our classes."""
     _check_platform()
     os.environ[ENV_VAR] = config.to_env()
-    # Our model runner extends vLLM's V1 CPU runner.
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    # Our model runner extends vLLM's V1 CPU runner: with V2 the scheduler would plan compactions that no worker
+    # code executes, so the pin is not a default the environment may override.
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"):
+        raise RuntimeError("--kv-compaction needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     from vllm_compact.engine.install import install
 
     install(config)  # this process too (plugins may already have been loaded before the env was set)
