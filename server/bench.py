@@ -1,4 +1,4 @@
-"""`vllm-compact bench am|needle|needle-sources|throughput`: each benchmark writes JSON + markdown under bench/results/."""
+"""`vllm-compact bench am|needle|needle-sources|needle-diagnosis|throughput`: each benchmark writes JSON + markdown under bench/results/."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ BENCHMARKS = {
     "am": "vllm_compact.benchmarks.am",
     "needle": "vllm_compact.benchmarks.needle",
     "needle-sources": "vllm_compact.benchmarks.needle_sources",
+    "needle-diagnosis": "vllm_compact.benchmarks.needle_diagnosis",
     "throughput": "vllm_compact.benchmarks.throughput",
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print("usage: vllm-compact bench {am,needle,needle-sources,throughput} [--help]\n\n"
+        print("usage: vllm-compact bench {am,needle,needle-sources,needle-diagnosis,throughput} [--help]\n\n"
               "  am          compaction quality and speed on captured SmolLM2 tensors\n"
               "  needle      needle-in-a-haystack accuracy and log-perplexity through the engine\n"
               "  needle-sources  needle retention per reference-query source (after / repeat-prefill), offline\n"

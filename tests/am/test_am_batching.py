@@ -85,7 +85,7 @@ def ridge_objective(X: torch.Tensor, C: torch.Tensor, Y: torch.Tensor, lam: floa
 def test_highest_attention_selects_top_scores_and_solves_the_value_fit(batch: HeadBatch, shrink: bool) -> None:
     ridge = 1e-3
     result = compact_heads(batch, "am-highest-attention", holdout_fraction=0.0, value_ridge=ridge,
-                           shrink_to_original=shrink)
+                           shrink_to_original=shrink, follow_tokens=0)
     assert_well_formed(result, batch, "am-highest-attention")
     for h in range(batch.num_heads):
         inp = head_inputs(batch, h)
@@ -394,3 +394,33 @@ def test_mark_keys_ignores_unmarked_duplicates() -> None:
                 expected[h, keys[h, j]] = True
     for _ in range(5):  # scatter order is unspecified: repeat
         assert torch.equal(mark_keys(keys, mark, 4), expected)
+
+
+def test_carry_forward_matches_a_loop() -> None:
+    from vllm_compact.am.selection import FOLLOW_DECAY, carry_forward
+
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(4, 40, generator=gen)
+    valid = torch.rand(4, 40, generator=gen) > 0.2
+    assert carry_forward(scores, valid, 0) is scores  # off
+    for window in (1, 5, 16):
+        out = carry_forward(scores, valid, window)
+        for h in range(4):
+            for j in range(40):
+                expected = 0.0
+                if valid[h, j]:
+                    expected = max(float(scores[h, i]) * (1 - FOLLOW_DECAY * (j - i))
+                                   for i in range(max(0, j - window), j + 1) if valid[h, i])
+                assert abs(float(out[h, j]) - expected) < 1e-6, (window, h, j)
+
+
+def test_follow_tokens_keeps_the_tokens_after_a_chosen_key() -> None:
+    """A single query that looks only at key 10: with follow_tokens=4 the budget of 5 is keys 10..14."""
+    dim, n_keys = 8, 40
+    keys = torch.zeros(1, n_keys, dim)
+    keys[0, 10, 0] = 10.0
+    batch = HeadBatch(keys=keys, values=torch.randn(1, n_keys, dim), queries=torch.ones(1, 1, dim), scale=1.0,
+                      budget=torch.tensor([5]))
+    for method in ("am-highest-attention", "snapkv"):
+        result = compact_heads(batch, method, follow_tokens=4, **({"pool_kernel": 1} if method == "snapkv" else {}))
+        assert sorted(result.indices[0].tolist()) == [10, 11, 12, 13, 14], method

@@ -37,6 +37,7 @@ from vllm_compact.am.selection import (
     Entries,
     all_keys,
     attention_scores,
+    carry_forward,
     gather_entries,
     mark_keys,
     max_pool_positions,
@@ -94,9 +95,11 @@ class SnapKV(EvictionMethod):
     name: ClassVar[str] = "snapkv"
     reduce: str = "rms"
     pool_kernel: int = 7
+    follow_tokens: int = 0  # keys also keep the score of the follow_tokens keys before them (selection.carry_forward)
 
     def select(self, batch: HeadBatch) -> Tensor:
         scores = attention_scores(batch, self.reduce, self.pool_kernel)
+        scores = carry_forward(scores, batch.key_valid(), self.follow_tokens)
         return top_budget(scores, batch.key_valid(), batch.budget_per_head())
 
 
@@ -240,6 +243,10 @@ class HighestAttention(AttentionMatching):
     name: ClassVar[str] = "am-highest-attention"
     reduce: str = "rms"
     pool_kernel: int = 0
+    # Keys keep the score of the 16 keys before them (SnapKV.follow_tokens): on SmolLM2-135M needle prompts the
+    # question's queries put ~0.1% of their mass on the needle's digits, the answer's writing queries 30-50%; this
+    # keeps 84-95% of the digits in the heads the answer reads, against 15-27% without (bench needle-diagnosis).
+    follow_tokens: int = 16
 
     def score_request(self, rows: QueryRows) -> ScoreRequest:
         return ScoreRequest(self.reduce, rows.fit)  # scored on the fit rows only: held-out rows stay unseen
@@ -248,6 +255,7 @@ class HighestAttention(AttentionMatching):
         self, batch: HeadBatch, visibility: Visibility, reference: ReferenceAttention, rows: QueryRows
     ) -> Tensor:
         scores = max_pool_positions(reference.key_scores, visibility.key_valid, self.pool_kernel)
+        scores = carry_forward(scores, visibility.key_valid, self.follow_tokens)
         return top_budget(scores, visibility.key_valid, batch.budget_per_head())
 
 

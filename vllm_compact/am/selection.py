@@ -94,6 +94,23 @@ def max_pool_positions(scores: Tensor, key_valid: Tensor, kernel: int) -> Tensor
     return pooled.masked_fill(~key_valid, 0.0)
 
 
+FOLLOW_DECAY = 1e-3  # per token of distance: ties of a carried score break towards the key it came from
+
+
+def carry_forward(scores: Tensor, key_valid: Tensor, window: int) -> Tensor:
+    """Each key also takes the score of the `window` keys before it, discounted by FOLLOW_DECAY per token (0 = off),
+    so the tokens that follow a chosen key are kept with it: a fact is read by the queries that write it, token
+    after token, while the reference queries (the question) look only at where it starts. Scores are >= 0."""
+    if window <= 0:
+        return scores
+    masked = scores.masked_fill(~key_valid, 0.0)
+    pooled = masked.clone()
+    for distance in range(1, min(window, scores.shape[1] - 1) + 1):
+        carried = masked[:, :-distance] * (1.0 - FOLLOW_DECAY * distance)
+        pooled[:, distance:] = torch.maximum(pooled[:, distance:], carried)
+    return pooled.masked_fill(~key_valid, 0.0)
+
+
 def attention_scores(batch: HeadBatch, reduce: str, pool_kernel: int) -> Tensor:
     """[H,T] per-key attention score of the reference queries (kernels.key_scores), optionally pooled."""
     result = key_scores(
