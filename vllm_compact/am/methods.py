@@ -323,7 +323,8 @@ class OrthogonalMatchingPursuit(AttentionMatching):
         return omp_select(batch, visibility, reference, rows.fit, settings, seed)
 
 
-METHODS: tuple[str, ...] = tuple(_REGISTRY)
+# Solvers first (the default leads), then eviction, then `none`: the order users see in messages and --help.
+METHODS: tuple[str, ...] = tuple(sorted(_REGISTRY, key=lambda n: (not _REGISTRY[n].fits, not _REGISTRY[n].compacts)))
 
 
 def method_class(name: str) -> type[CompactionMethod]:
