@@ -47,6 +47,7 @@ class WorkerStats(TypedDict):
     seconds_hist: SecondsHistogram
     reservoir_bytes: int
     dense_copy_bytes: int  # CPU path: dense copies of compacted requests' KV (engine/dense_cache.py)
+    faults_injected: int   # test-only fault switch (engine/faults.py); 0 in production
 
 
 class Totals(TypedDict):
@@ -88,11 +89,12 @@ def worker_stats_path(stats_path: str | os.PathLike) -> Path:
 
 
 def worker_stats(compactions: int, failures: int, heads_fell_back: int, seconds: Iterable[float],
-                 reservoir_bytes: int, dense_copy_bytes: int = 0) -> WorkerStats:
+                 reservoir_bytes: int, dense_copy_bytes: int = 0, faults_injected: int = 0) -> WorkerStats:
     seconds = list(seconds)
     return WorkerStats(compactions=compactions, failures=failures, heads_fell_back=heads_fell_back,
                        seconds_total=float(sum(seconds)), seconds_hist=seconds_histogram(seconds),
-                       reservoir_bytes=reservoir_bytes, dense_copy_bytes=dense_copy_bytes)
+                       reservoir_bytes=reservoir_bytes, dense_copy_bytes=dense_copy_bytes,
+                       faults_injected=faults_injected)
 
 
 def _write_json_atomically(path: str | os.PathLike, value: dict) -> None:
