@@ -44,7 +44,7 @@ def _run_job(job: dict) -> dict:
     from vllm import SamplingParams
 
     from vllm_compact.benchmarks.engine_loop import make_engine, run_requests, stats_dict
-    from vllm_compact.data.needle import continuation_split, make_needle_prompt
+    from vllm_compact.data.needle import continuation_split, make_needle_prompt, needle_depths
 
     tok = AutoTokenizer.from_pretrained(job["model"])
     compaction = None
@@ -54,7 +54,7 @@ def _run_job(job: dict) -> dict:
     llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=8192, seed=0,
                       max_num_batched_tokens=job["chunk"], enable_chunked_prefill=True)
     prompts, params, meta = [], [], []
-    depths = [i / (job["depths"] - 1) if job["depths"] > 1 else 0.5 for i in range(job["depths"])]
+    depths = needle_depths(job["depths"])
     for ctx in job["contexts"]:
         for i, depth in enumerate(depths):
             needle = make_needle_prompt(tok, ctx, depth, "number", seed=job["seed"] + i)

@@ -121,14 +121,14 @@ def main(argv: list[str]) -> int:
     import torch
 
     from vllm_compact.benchmarks.capture import load_model
-    from vllm_compact.data.needle import make_needle_prompt
+    from vllm_compact.data.needle import make_needle_prompt, needle_depths
     from vllm_compact.server.serve import resolve_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model(Path(resolve_model(args.model)))
     heads, summaries = [], []
-    for i in range(args.depths):
-        needle = make_needle_prompt(tokenizer, args.context, i / max(1, args.depths - 1), "number", seed=i)
+    for i, depth in enumerate(needle_depths(args.depths)):
+        needle = make_needle_prompt(tokenizer, args.context, depth, "number", seed=i)
         rows, summary = diagnose_prompt(model, tokenizer, needle, args)
         heads += rows
         summaries.append(summary)

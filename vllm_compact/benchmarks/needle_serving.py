@@ -36,15 +36,15 @@ def main(argv: list[str]) -> int:
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_compact.data.needle import make_needle_prompt
+    from vllm_compact.data.needle import make_needle_prompt, needle_depths
     from vllm_compact.server.serve import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     served = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
     configs = [("none", 1.0)] * ("none" in args.methods)
     configs += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
-    prompts = [(ctx, i, make_needle_prompt(tokenizer, ctx, i / max(1, args.depths - 1), "number", seed=i))
-               for ctx in args.contexts for i in range(args.depths)]
+    prompts = [(ctx, i, make_needle_prompt(tokenizer, ctx, depth, "number", seed=i))
+               for ctx in args.contexts for i, depth in enumerate(needle_depths(args.depths))]
     rows, answers = [], []
     started = time.perf_counter()
     for method, ratio in tqdm(configs, desc="configurations", file=sys.stderr):

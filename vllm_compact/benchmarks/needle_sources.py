@@ -126,13 +126,13 @@ def run(args) -> tuple[list[dict], list[dict]]:
 
     from vllm_compact.benchmarks.capture import load_model
     from vllm_compact.benchmarks.reference_llama import ReferenceLlama
-    from vllm_compact.data.needle import make_needle_prompt
+    from vllm_compact.data.needle import make_needle_prompt, needle_depths
     from vllm_compact.server.serve import resolve_model
 
     model, tokenizer = load_model(Path(resolve_model(args.model)))
     reference = ReferenceLlama(model)
     configs = _configs(args)
-    depths = [i / (args.depths - 1) if args.depths > 1 else 0.5 for i in range(args.depths)]
+    depths = needle_depths(args.depths)
     counts: dict[tuple, list[int]] = {}
     answers = []
     prompts = [(ctx, i, depth) for ctx in args.contexts for i, depth in enumerate(depths)]

@@ -65,6 +65,11 @@ class ContinuationSplit:
     start_char: int  # where the context starts in essay_text()
 
 
+def needle_depths(count: int) -> list[float]:
+    """`count` needle depths evenly spaced in [0, 1] (one prompt: the middle)."""
+    return [i / (count - 1) for i in range(count)] if count > 1 else [0.5]
+
+
 def _count(tokenizer: TextTokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
 
