@@ -8,7 +8,7 @@ step are compacted, and the worker executes the plans before the step writes any
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -21,7 +21,7 @@ from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
 from vllm_compact.engine.request_overrides import request_config
 from vllm_compact.engine.state import worker_state
 from vllm_compact.engine.stats import SchedulerCompactionStats
-from vllm_compact.engine.stats_file import StatsFileWriter, seconds_histogram
+from vllm_compact.engine.stats_file import StatsFileWriter, worker_stats
 
 logger = init_logger(__name__)
 
@@ -229,20 +229,17 @@ class CompactionScheduler(Scheduler):
     def _stats_snapshot(self) -> dict:
         # In-process engines share the worker's state; a separate worker process writes its own stats file.
         wstate = worker_state()
-        wstats = wstate.stats if wstate is not None else None
+        if wstate is not None:
+            worker = worker_stats(**asdict(wstate.stats), dense_copy_bytes=wstate.dense.nbytes)
+        else:
+            worker = worker_stats(compactions=0, failures=0, heads_fell_back=0, seconds=(), reservoir_bytes=0)
         logical = sum(r.num_computed_tokens for r in self.running)
         physical = sum(self.physical_tokens(r) for r in self.running)
+        pool = self._block_pool
         return {
             "config": self.compaction_config.model_dump(),
             "scheduler": self.compaction_stats.as_dict(),
-            "worker": {
-                "compactions": wstats.compactions if wstats else 0,
-                "failures": wstats.failures if wstats else 0,
-                "heads_fell_back": wstats.heads_fell_back if wstats else 0,
-                "seconds_total": sum(wstats.seconds) if wstats else 0.0,
-                "seconds_hist": seconds_histogram(wstats.seconds if wstats else []),
-                "reservoir_bytes": wstats.reservoir_bytes if wstats else 0,
-                "dense_copy_bytes": wstate.dense.nbytes if wstate is not None else 0,
-            },
+            "worker": worker,
             "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": len(self.running)},
+            "pool": {"free_pages": pool.get_num_free_blocks(), "total_pages": pool.num_gpu_blocks},
         }

@@ -56,6 +56,11 @@ class Totals(TypedDict):
     running_requests: int
 
 
+class PoolStats(TypedDict):
+    free_pages: int   # the KV block pool's free pages now (get_num_free_blocks); idle: total_pages - 1 (null page)
+    total_pages: int  # pages in the pool
+
+
 class RequestStats(TypedDict):
     logical_tokens: int
     physical_tokens: int
@@ -70,6 +75,7 @@ class StatsSnapshot(TypedDict):
     scheduler: SchedulerStats
     worker: WorkerStats
     totals: Totals
+    pool: PoolStats
 
 
 class StatsPayload(StatsSnapshot):

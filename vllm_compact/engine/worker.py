@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
@@ -9,8 +11,14 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.engine.layout import stock_block_layout
-from vllm_compact.engine.state import init_worker_state, worker_state
-from vllm_compact.engine.stats_file import WorkerStatsFileWriter, worker_stats
+from vllm_compact.engine.state import WorkerCompactionState, init_worker_state, worker_state
+from vllm_compact.engine.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
+
+
+def file_stats(state: WorkerCompactionState) -> WorkerStats:
+    """The worker's counters as its stats file carries them: every counter of `state.stats` (faults_injected
+    included) plus the dense copies' bytes."""
+    return worker_stats(**asdict(state.stats), dense_copy_bytes=state.dense.nbytes)
 
 
 class CompactionCPUModelRunner(CPUModelRunner):
@@ -54,12 +62,7 @@ class CompactionCPUModelRunner(CPUModelRunner):
             if step is not None:
                 self._compactor.execute(step)
             if self._stats_file is not None:
-                stats = state.stats
-                self._stats_file.maybe_write(
-                    lambda: worker_stats(stats.compactions, stats.failures, stats.heads_fell_back, stats.seconds,
-                                         stats.reservoir_bytes, state.dense.nbytes),
-                    force=step is not None,
-                )
+                self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None)
         return super().execute_model(scheduler_output, intermediate_tensors)
 
 

@@ -1,0 +1,56 @@
+"""What the engine puts in the stats file: the scheduler's snapshot (free KV pages) and the worker's counters
+(faults_injected included) as the worker process writes them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from vllm.v1.core.block_pool import BlockPool
+
+from vllm_compact.config import CompactionConfig
+from vllm_compact.engine.scheduler import CompactionScheduler
+from vllm_compact.engine.state import WorkerCompactionState
+from vllm_compact.engine.stats import SchedulerCompactionStats
+from vllm_compact.engine.stats_file import StatsSnapshot, WorkerStats, read_stats_file, write_stats_file
+from vllm_compact.engine.worker import file_stats
+
+
+def _scheduler(pool: BlockPool) -> CompactionScheduler:
+    """A CompactionScheduler with only what _stats_snapshot reads (no engine behind it)."""
+    sched = CompactionScheduler.__new__(CompactionScheduler)
+    sched.kv_cache_manager = SimpleNamespace(block_pool=pool)
+    sched.running = []
+    sched.compact_states = {}
+    sched.compaction_config = CompactionConfig(enabled=True)
+    sched.compaction_stats = SchedulerCompactionStats()
+    return sched
+
+
+def test_snapshot_reports_the_pools_free_pages(tmp_path, monkeypatch):
+    monkeypatch.setattr("vllm_compact.engine.scheduler.worker_state", lambda: None)
+    pool = BlockPool(num_gpu_blocks=10, enable_caching=False, hash_block_size=16)
+    sched = _scheduler(pool)
+    idle = sched._stats_snapshot()
+    assert idle["pool"] == {"free_pages": 9, "total_pages": 10}  # the null page is never free
+    assert set(idle) == set(StatsSnapshot.__annotations__)
+    assert set(idle["worker"]) == set(WorkerStats.__annotations__)
+    taken = pool.get_new_blocks(3)
+    assert sched._stats_snapshot()["pool"]["free_pages"] == 6
+    pool.free_blocks(taken)
+    assert sched._stats_snapshot()["pool"]["free_pages"] == 9
+    write_stats_file(tmp_path / "s.json", {**idle, "updated": 1.0, "requests": {}})
+    assert read_stats_file(tmp_path / "s.json")["pool"]["free_pages"] == 9
+
+
+def test_worker_counters_reach_the_file_with_faults_injected(monkeypatch):
+    state = WorkerCompactionState(config=CompactionConfig(enabled=True))
+    state.stats.compactions, state.stats.failures, state.stats.faults_injected = 7, 2, 3
+    state.stats.seconds = [0.25, 0.5]
+    got = file_stats(state)
+    assert set(got) == set(WorkerStats.__annotations__)
+    assert (got["compactions"], got["failures"], got["faults_injected"]) == (7, 2, 3)
+    assert got["seconds_total"] == 0.75 and got["dense_copy_bytes"] == 0
+    # In-process engines: the scheduler's snapshot carries the same section from the shared state.
+    monkeypatch.setattr("vllm_compact.engine.scheduler.worker_state", lambda: state)
+    sched = _scheduler(BlockPool(num_gpu_blocks=4, enable_caching=False, hash_block_size=16))
+    assert sched._stats_snapshot()["worker"] == got
