@@ -8,13 +8,13 @@ flag (or config-file field), the value and what is allowed.
 from __future__ import annotations
 
 import argparse
-import types
-from typing import Literal, Union, get_args, get_origin
+from typing import Literal, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
 
 from vllm_compact.config import CompactionConfig, load_config
+from vllm_compact.head_table import FORMAT, HeadTableError, check_table_shape, model_head_shape, read_head_table
 
 CONFIG_FLAG = "--kv-compaction-config"
 
@@ -100,6 +100,56 @@ def check_compaction_argv(argv: list[str]) -> CompactionConfig:
     return compaction_config_from_args(args)
 
 
+def model_from_argv(argv: list[str]) -> str | None:
+    """The model of a `serve` command line without vLLM's parser: the leading positional, or `--model`."""
+    if argv and not argv[0].startswith("-"):
+        return argv[0]
+    for i, token in enumerate(argv):
+        if token == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--model="):
+            return token.partition("=")[2]
+    return None
+
+
+def local_model_dir(model: str | None) -> str | None:
+    """A folder holding the model's config.json, without fetching anything: a path, a fetched model of
+    `vllm-compact models`, or a Hugging Face id already in the local hub cache. None when it is not known yet."""
+    import os
+
+    if not model:
+        return None
+    if os.path.isdir(model):
+        return model
+    from vllm_compact.models import registry
+
+    if model in registry.MODELS:
+        return str(registry.model_path(model)) if registry.is_fetched(model) else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:  # not a hub id, or no hub library: the engine checks the table when it starts
+        return None
+    return os.path.dirname(found) if isinstance(found, str) else None
+
+
+def check_head_budgets(config: CompactionConfig, model_dir: str | None, argv: list[str]) -> None:
+    """The head-budget table against the model's (layers, KV heads), read from its config.json; nothing to do
+    without a table or while the model's folder is not known (the engine checks again when it starts)."""
+    if config.head_budget_file is None or model_dir is None:
+        return
+    shape = model_head_shape(model_dir)
+    if shape is None:
+        return
+    given = any(t.split("=")[0] in ("--kv-compaction-head-budgets", "--kv_compaction_head_budgets") for t in argv)
+    where = "--kv-compaction-head-budgets" if given else f"{CONFIG_FLAG} field 'head_budget_file'"
+    try:
+        check_table_shape(config.head_budget_file, read_head_table(config.head_budget_file), *shape)
+    except HeadTableError as e:
+        raise CompactionFlagError(f"{where}: {e}; allowed: {allowed_values('head_budget_file')}") from None
+
+
 def _dashed_compaction_flags(argv: list[str]) -> list[str]:
     """vLLM's parser accepts `--flag_name` for `--flag-name`; accept the same spelling of our flags."""
     out = []
@@ -122,8 +172,8 @@ def allowed_values(field: str) -> str:
         return "one of " + ", ".join(repr(v) for v in get_args(annotation))
     if annotation is bool:
         return "true or false"
-    if get_origin(annotation) in (Union, types.UnionType) and str in get_args(annotation):
-        return "a path to an existing JSON file"
+    if field == "head_budget_file":
+        return f"a path to an existing JSON file {FORMAT}, one row per layer and one column per KV head of the model"
     noun = {int: "an integer", float: "a number"}.get(annotation, str(annotation))
     bounds = []
     for meta in info.metadata:

@@ -19,7 +19,10 @@ from vllm_compact.server.flags import (
     CompactionFlagError,
     add_compaction_args,
     check_compaction_argv,
+    check_head_budgets,
     compaction_config_from_args,
+    local_model_dir,
+    model_from_argv,
 )
 
 MIDDLEWARE = "vllm_compact.server.compaction_api.CompactionMiddleware"
@@ -67,7 +70,8 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str]) -> int:
     try:
-        check_compaction_argv(argv)  # fast: before importing vLLM
+        config = check_compaction_argv(argv)  # fast: before importing vLLM
+        check_head_budgets(config, local_model_dir(model_from_argv(argv)), argv)
     except CompactionFlagError as e:
         return _fail(str(e))
 
@@ -88,6 +92,11 @@ def main(argv: list[str]) -> int:
     if args.model_tag is not None:
         args.model_tag = resolve_model(args.model_tag)
         args.model = args.model_tag
+    try:
+        # The model is known now (fetched, from --config, ...); the model loads only in ServeSubcommand.cmd.
+        check_head_budgets(config, local_model_dir(args.model), argv)
+    except CompactionFlagError as e:
+        return _fail(str(e))
     stats_dir = None
     if config.enabled:
         from vllm_compact.engine.settings import apply_to_serve_args

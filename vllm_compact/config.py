@@ -7,14 +7,21 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vllm_compact.am.methods import METHODS
+from vllm_compact.head_table import read_head_table
 
 ENV_VAR = "VLLM_COMPACT_CONFIG"
+MAX_RATIO = 1000.0
 
 MethodName = Literal[METHODS]  # the method registry is the one list of methods
-QuerySource = Literal["after", "context", "context-causal", "repeat"]
+# The engine's reference queries are the protected recent window's, captured as they pass through attention: the
+# queries that come after the compacted span. That is the only source the engine implements.
+QuerySource = Literal["after"]
+# Measured offline by `vllm-compact bench am` / `bench needle-sources`, not implemented in the engine: refused by
+# name (a value accepted and then ignored would look like it worked).
+OFFLINE_QUERY_SOURCES = ("context", "context-causal", "repeat")
 
 
 class CompactionConfig(BaseModel):
@@ -24,7 +31,7 @@ class CompactionConfig(BaseModel):
 
     enabled: bool = Field(False, description="Compact the KV cache of running requests.")
     method: MethodName = Field("am-highest-attention", description="Compaction method.")
-    ratio: float = Field(10.0, ge=1.0, le=1000.0, description="Target compaction ratio (original / compact tokens).")
+    ratio: float = Field(10.0, ge=1.0, le=MAX_RATIO, description="Target compaction ratio (original / compact tokens).")
     trigger_tokens: int = Field(
         1024, ge=1, description="Compact once a request's uncompacted tail (outside the protected window) reaches this many tokens."
     )
@@ -43,27 +50,27 @@ class CompactionConfig(BaseModel):
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
 
-    @model_validator(mode="after")
-    def _check_budget_file(self) -> "CompactionConfig":
-        if self.head_budget_file is not None and not Path(self.head_budget_file).is_file():
-            raise ValueError(f"head_budget_file {self.head_budget_file!r} does not exist")
-        return self
+    @field_validator("query_source", mode="before")
+    @classmethod
+    def _implemented_query_source(cls, value):
+        if value in OFFLINE_QUERY_SOURCES:
+            raise ValueError(
+                f"query_source {value!r} is not implemented by the engine (only measured offline by `vllm-compact "
+                "bench am`); the engine fits on the recent window's queries, 'after'"
+            )
+        return value
 
-    def narrowed(self, overrides: dict) -> "CompactionConfig":
-        """Per-request overrides may only make compaction stricter or turn it off (never looser than the server)."""
-        allowed = {"enabled", "ratio", "method"}
-        unknown = set(overrides) - allowed
-        if unknown:
-            raise ValueError(f"unknown compaction field(s) {sorted(unknown)}; allowed per request: {sorted(allowed)}")
-        merged = self.model_copy(update={})
-        data = merged.model_dump()
-        data.update(overrides)
-        candidate = CompactionConfig.model_validate(data)
-        if candidate.enabled and not self.enabled:
-            raise ValueError("compaction is disabled on this server; a request cannot enable it")
-        if candidate.ratio < self.ratio:
-            raise ValueError(f"ratio {candidate.ratio} is looser than the server's {self.ratio}; ask for >= {self.ratio}")
-        return candidate
+    @field_validator("head_budget_file")
+    @classmethod
+    def _check_budget_file(cls, value: str | None) -> str | None:
+        # Contents checked here (JSON, shape, values); the shape against the model where the model is known.
+        if value is not None:
+            if not Path(value).is_file():
+                raise ValueError(f"head_budget_file {value!r} does not exist")
+            read_head_table(value)
+        return value
+
+    # Per-request narrowing: vllm_compact.engine.request_overrides.request_config (the one path).
 
     def to_env(self) -> str:
         return self.model_dump_json()

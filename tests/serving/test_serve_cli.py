@@ -20,7 +20,27 @@ BAD: list[tuple[list[str], list[str]]] = [
     (["--kv-compaction", "--kv-compaction-method", "foo"],
      ["--kv-compaction-method='foo'", "not one of the choices", "'am-highest-attention', 'am-omp'"]),
     (["--kv-compaction", "--kv-compaction-trigger", "-3"], ["--kv-compaction-trigger='-3'", "an integer >= 1"]),
-    (["--kv-compaction", "--kv-compaction-query-source", "x"], ["--kv-compaction-query-source='x'", "'context-causal'"]),
+    (["--kv-compaction", "--kv-compaction-query-source", "x"], ["--kv-compaction-query-source='x'", "one of 'after'"]),
+    # Sources that only the offline benchmarks implement: refused by name rather than accepted and ignored.
+    *[(["--kv-compaction", "--kv-compaction-query-source", source],
+       [f"--kv-compaction-query-source='{source}'", "not implemented by the engine", "allowed: one of 'after'"])
+      for source in ("repeat", "context", "context-causal")],
+    (["--kv-compaction", "--kv-compaction-config", '{"query_source": "repeat"}'],
+     ["--kv-compaction-config field 'query_source'='repeat'", "not implemented by the engine"]),
+    # Head-budget files (@name: a file written by the fixture; the model is the tiny one: 4 layers x 2 KV heads).
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@not_json"],
+     ["--kv-compaction-head-budgets=", "is not valid JSON", '{"proportions": [[p per KV head] per layer]}']),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@no_key"], ['must be a JSON object with a "proportions" key']),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@ragged"], ["rows have different lengths [1, 2]"]),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@negative"], ["proportions[1][0]=-0.5", "finite number >= 0"]),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@string"], ["proportions[0][1]='1'", "is not a number"]),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@zeros"], ["sum to 0"]),
+    (["--kv-compaction", "--kv-compaction-config", '{"head_budget_file": "@negative"}'],
+     ["--kv-compaction-config field 'head_budget_file'=", "proportions[1][0]=-0.5"]),
+    (["--kv-compaction", "--kv-compaction-head-budgets", "@wrong_shape"],
+     ["--kv-compaction-head-budgets: head_budget_file", "has 3 layers x 2 KV heads; the model has 4 layers x 2 KV heads"]),
+    (["--kv-compaction", "--kv-compaction-config", '{"head_budget_file": "@wrong_heads"}'],
+     ["--kv-compaction-config field 'head_budget_file'", "4 layers x 3 KV heads; the model has 4 layers x 2"]),
     (["--kv-compaction", "--kv-compaction-head-budgets", "/nonexistent/b.json"],
      ["--kv-compaction-head-budgets", "'/nonexistent/b.json' does not exist", "a path to an existing JSON file"]),
     (["--kv-compaction", "--kv-compaction-config", '{"ratio": "x"}'],
@@ -52,9 +72,45 @@ print(json.dumps({"results": results, "vllm_imported": any(m == "vllm" or m.star
 """
 
 
+HEAD_FILES = {
+    "not_json": '{"proportions": [[1, 2],',
+    "no_key": json.dumps({"props": [[1, 1]] * 4}),
+    "ragged": json.dumps({"proportions": [[1], [1, 2], [1, 1], [1, 1]]}),
+    "negative": json.dumps({"proportions": [[1, 1], [-0.5, 1], [1, 1], [1, 1]]}),
+    "string": json.dumps({"proportions": [[1, "1"], [1, 1], [1, 1], [1, 1]]}),
+    "zeros": json.dumps({"proportions": [[0, 0]] * 4}),
+    "wrong_shape": json.dumps({"proportions": [[1, 1]] * 3}),
+    "wrong_heads": json.dumps({"proportions": [[1, 1, 1]] * 4}),
+    "good": json.dumps({"proportions": [[1, 2]] * 4}),
+}
+
+
+def _with_files(tokens: list[str], files: dict[str, str]) -> list[str]:
+    out = []
+    for token in tokens:
+        for name, path in files.items():
+            token = token.replace(f"@{name}", path)
+        out.append(token)
+    return out
+
+
 @pytest.fixture(scope="module")
-def outcomes() -> dict:
-    argvs = [["/no/such/model", *extra, "--max-model-len", "2048", "--dtype", "float32"] for extra, _ in BAD]
+def head_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("head_budgets")
+    files = {}
+    for name, text in sorted(HEAD_FILES.items(), key=lambda item: -len(item[0])):  # @wrong_heads before @wrong...
+        (folder / f"{name}.json").write_text(text)
+        files[name] = str(folder / f"{name}.json")
+    return files
+
+
+@pytest.fixture(scope="module")
+def outcomes(head_files) -> dict:
+    from vllm_compact.models.registry import ensure_model
+
+    tiny = str(ensure_model("tiny"))  # a real config.json (4 layers x 2 KV heads) for the shape checks
+    argvs = [[tiny if any(t.startswith("@") or "@" in t for t in extra) else "/no/such/model",
+              *_with_files(extra, head_files), "--max-model-len", "2048", "--dtype", "float32"] for extra, _ in BAD]
     proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(argvs)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -89,3 +145,35 @@ def test_good_settings_pass_and_combine_config_and_flags(tmp_path):
                                  str(cfg_file), "--kv-compaction-trigger", "64", "--no-kv-compaction-recompact"])
     assert (cfg.enabled, cfg.ratio, cfg.trigger_tokens, cfg.method, cfg.recompact) == (True, 12.0, 64, "snapkv", False)
     assert check_compaction_argv(["m", "--max-model-len", "2048"]).enabled is False
+
+
+@pytest.mark.parametrize("model_args", [["tiny"], ["--model", "@tiny"], ["--model=tiny"], ["@tiny"]])
+def test_head_budget_shape_is_checked_against_the_models_config_json(head_files, model_args):
+    from vllm_compact.models.registry import ensure_model
+    from vllm_compact.server.flags import CompactionFlagError, check_head_budgets, local_model_dir, model_from_argv
+
+    tiny = str(ensure_model("tiny"))
+    for name, fails in (("wrong_shape", True), ("wrong_heads", True), ("good", False)):
+        argv = [*(tiny if a == "@tiny" else a for a in model_args), "--kv-compaction",
+                "--kv-compaction-head-budgets", head_files[name]]
+        config = check_compaction_argv(argv)
+        assert local_model_dir(model_from_argv(argv)) is not None
+        if fails:
+            with pytest.raises(CompactionFlagError, match="the model has 4 layers x 2 KV heads"):
+                check_head_budgets(config, local_model_dir(model_from_argv(argv)), argv)
+        else:
+            check_head_budgets(config, local_model_dir(model_from_argv(argv)), argv)
+
+
+def test_an_unknown_model_leaves_the_shape_to_the_engine(head_files):
+    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.server.flags import check_head_budgets, local_model_dir
+
+    argv = ["/no/such/model", "--kv-compaction", "--kv-compaction-head-budgets", head_files["wrong_shape"]]
+    assert local_model_dir("/no/such/model") is None and local_model_dir("no-such-org/no-such-model") is None
+    check_head_budgets(check_compaction_argv(argv), None, argv)  # nothing to check against yet
+    # ... and the engine refuses it when it starts (its scheduler builds this policy from the model config).
+    with pytest.raises(ValueError, match="has 3 layers x 2 KV heads; the model has 4 layers x 2 KV heads"):
+        HeadBudgetPolicy(num_layers=4, num_kv_heads=2, ratio=8.0, table_path=head_files["wrong_shape"])
+    policy = HeadBudgetPolicy(num_layers=4, num_kv_heads=2, ratio=8.0, table_path=head_files["good"])
+    assert abs(float(policy.table.sum()) - 1.0) < 1e-12 and float(policy.table[0, 1]) == 2 * float(policy.table[0, 0])

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
+
+from vllm_compact.head_table import check_table_shape, read_head_table
 
 Budgets = tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads]
 
 
 def load_head_table(path: str, num_layers: int, num_kv_heads: int) -> torch.Tensor:
     """A JSON file {"proportions": [[p per KV head] per layer]} (any positive scale; normalised here)."""
-    data = json.loads(Path(path).read_text())
-    table = torch.tensor(data["proportions"], dtype=torch.float64)
-    if table.shape != (num_layers, num_kv_heads):
-        raise ValueError(
-            f"head budget table {path} has shape {tuple(table.shape)}, the model needs ({num_layers}, {num_kv_heads})"
-        )
-    if not bool((table >= 0).all()) or float(table.sum()) <= 0:
-        raise ValueError(f"head budget table {path} must hold non-negative proportions with a positive sum")
+    rows = read_head_table(path)  # HeadTableError (a ValueError) names what is wrong
+    check_table_shape(path, rows, num_layers, num_kv_heads)
+    table = torch.tensor(rows, dtype=torch.float64)
     return table / table.sum()
 
 
