@@ -1,8 +1,10 @@
 """The HTTP side of compaction in vLLM's API server, installed through vLLM's own `--middleware` option.
 
 One pure ASGI middleware:
-- validates the per-request compaction keys of any JSON POST (`vllm_xargs.kv_compaction_*`) against the server's
-  settings; a bad value is an HTTP 400 in vLLM's error shape, and the request never reaches the engine;
+- validates the per-request compaction keys of any JSON POST (`vllm_xargs.kv_compaction_*`, and `vllm_xargs`
+  itself) against the server's settings with `request_config`, the same code as the engine's admission hook
+  (engine/request_validation.py), but on the raw JSON; a bad value is an HTTP 400 in vLLM's error shape whose
+  `param` names the field, and the request never reaches vLLM's handlers;
 - serves GET /v1/compaction/stats (the scheduler's stats file) and GET /v1/compaction/config;
 - adds `usage.kv_compaction = {logical_tokens, physical_tokens, compactions}` to /v1/completions and
   /v1/chat/completions responses: non-streaming ones, and the final usage chunk of streaming ones (sent when
@@ -28,7 +30,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.request_overrides import (
     ENABLED_KEY,
-    KEY_PREFIX,
     METHOD_KEY,
     METHODS,
     RATIO_KEY,
@@ -118,9 +119,7 @@ class CompactionMiddleware:
         request = _json_object(body)
         problem = self._override_problem(request)
         if problem is not None:
-            key, message = problem
-            param = f"vllm_xargs.{key}" if key else "vllm_xargs"
-            response = JSONResponse(error_body(message, param, 400), status_code=400)
+            response = JSONResponse(error_body(str(problem), problem.param, 400), status_code=400)
             await self._guarded(scope, response)(scope, _replay(body, receive), send)
             return
         shape = ResponseShape.of(request, USAGE_PATHS[path]) if request and path in USAGE_PATHS else None
@@ -128,14 +127,15 @@ class CompactionMiddleware:
             send = UsageRewriter(send, lambda response_id: final_usage(self.stats, response_id, shape))
         await self.app(scope, _replay(body, receive), send)
 
-    def _override_problem(self, request: dict | None) -> tuple[str | None, str] | None:
-        xargs = request.get("vllm_xargs") if request else None
-        if not isinstance(xargs, dict) or not any(str(k).startswith(KEY_PREFIX) for k in xargs):
-            return None  # nothing of ours (vLLM itself rejects a vllm_xargs of the wrong type)
+    def _override_problem(self, request: dict | None) -> RequestOverrideError | None:
+        """The one validation path (request_config), on the raw JSON: a JSON `true` is still a boolean here, where
+        vLLM's request model would turn it into 1 before the engine's admission hook sees it."""
+        if not request or request.get("vllm_xargs") is None:
+            return None
         try:
-            request_config(self.config, xargs)
+            request_config(self.config, request["vllm_xargs"])
         except RequestOverrideError as e:
-            return e.key, str(e)
+            return e
         return None
 
 
@@ -189,7 +189,7 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 def _json_object(body: bytes) -> dict | None:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None  # vLLM answers malformed JSON itself
     return value if isinstance(value, dict) else None
 

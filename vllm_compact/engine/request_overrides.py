@@ -5,64 +5,100 @@ booleans arrive as 0/1. So the settings are flat keys:
 
     {"vllm_xargs": {"kv_compaction_enabled": false, "kv_compaction_ratio": 20, "kv_compaction_method": "am-omp"}}
 
-`request_config(server_config, extra_args)` is the one entry point, used alike by the API server (to answer a bad
-value with HTTP 400) and by the scheduler (to get the request's settings): it parses the keys
-(`request_overrides`) and narrows the server's config with them (a request may only turn compaction off or make it
-stricter). Other `extra_args` keys belong to other extensions and are ignored; an unknown key with our
-`kv_compaction` prefix is an error, so a typo never passes silently.
+`request_config(server_config, extra_args)` is the one validation path. It runs in three places, always the same
+code: the API server's middleware (on the raw JSON body, so it still sees a JSON `true` where a number goes before
+vLLM's pydantic model turns it into 1), vLLM's per-request admission hook in the front-end process
+(`engine.request_validation`, which covers the offline `LLM` API and every route), and the scheduler (to get the
+request's settings). A request may only turn compaction off or make it stricter.
+
+What is refused (a RequestOverrideError naming the key, the value and what is allowed):
+- an `extra_args` / `vllm_xargs` that is not an object;
+- any key that looks like ours (`kv_compaction...` in any case, with `-` or `_`) but is not exactly one of the keys
+  below, so a typo or `KV_Compaction_Ratio` never passes silently;
+- a ratio that is not a finite JSON number (strings, booleans, lists, null, NaN, 1e400, integers too large for a
+  float), outside [1, MAX_RATIO], or looser than the server's;
+- an `enabled` that is not a boolean (or the 0/1 vLLM makes of one), or true on a server without compaction;
+- a method that is not in the method registry.
+Other `extra_args` keys belong to other extensions and are ignored.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, get_args
 
-from pydantic import ValidationError
-
-from vllm_compact.config import CompactionConfig, MethodName, format_validation_error
+from vllm_compact.config import MAX_RATIO, CompactionConfig, MethodName
 
 KEY_PREFIX = "kv_compaction"
 ENABLED_KEY = "kv_compaction_enabled"
 RATIO_KEY = "kv_compaction_ratio"
 METHOD_KEY = "kv_compaction_method"
+KEYS = (ENABLED_KEY, RATIO_KEY, METHOD_KEY)
 
 METHODS: tuple[str, ...] = get_args(MethodName)
-_TRUE_STRINGS = ("true", "1", "yes", "on")
-_FALSE_STRINGS = ("false", "0", "no", "off")
 
 
 class RequestOverrideError(ValueError):
-    """A bad per-request compaction value; `key` is the offending `vllm_xargs` key when there is one."""
+    """A bad per-request compaction value; `key` is the offending `vllm_xargs` key (None: `vllm_xargs` itself)."""
 
     def __init__(self, key: str | None, message: str) -> None:
         super().__init__(message)
         self.key = key
 
+    @property
+    def param(self) -> str:
+        """The request field to name in an HTTP 400 (`param` of vLLM's error JSON)."""
+        return f"vllm_xargs.{self.key}" if self.key else "vllm_xargs"
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"  # repr of a huge int can even raise (int_max_str_digits)
+    try:
+        text = repr(value)
+    except ValueError:  # a huge int nested in a list
+        text = f"<{_kind(value)}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 def _parse_enabled(value: Any) -> bool:
-    # bool first: JSON true/false from a direct engine caller; 0/1 from the OpenAI server's vllm_xargs.
+    # bool: JSON true/false in the raw body or from an offline caller; 0/1: what vLLM's vllm_xargs makes of them.
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE_STRINGS + _FALSE_STRINGS:
-        return value.strip().lower() in _TRUE_STRINGS
-    raise RequestOverrideError(ENABLED_KEY, f"{ENABLED_KEY}={value!r} is not a boolean; allowed: true, false, 0 or 1")
+    raise RequestOverrideError(
+        ENABLED_KEY, f"{ENABLED_KEY}={_shown(value)} is not a boolean; allowed: true, false, 0 or 1"
+    )
 
 
 def _parse_ratio(value: Any) -> float:
-    number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    allowed = f"allowed: a number >= 1.0 and <= {MAX_RATIO} (original / compact tokens)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is {_kind(value)}, not a number; {allowed}")
+    try:
         number = float(value)
-    elif isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not math.isfinite(number):
-        raise RequestOverrideError(
-            RATIO_KEY, f"{RATIO_KEY}={value!r} is not a number; allowed: a number >= 1 (original / compact tokens)"
-        )
+    except OverflowError:  # an integer beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is not a finite number; {allowed}")
+    if not 1.0 <= number <= MAX_RATIO:
+        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is out of range; {allowed}")
     return number
 
 
@@ -70,68 +106,79 @@ def _parse_method(value: Any) -> str:
     if isinstance(value, str) and value in METHODS:
         return value
     raise RequestOverrideError(
-        METHOD_KEY, f"{METHOD_KEY}={value!r} is not a compaction method; allowed: {', '.join(METHODS)}"
+        METHOD_KEY, f"{METHOD_KEY}={_shown(value)} is not a compaction method; allowed: {', '.join(METHODS)}"
     )
 
 
 _PARSERS = {ENABLED_KEY: ("enabled", _parse_enabled), RATIO_KEY: ("ratio", _parse_ratio), METHOD_KEY: ("method", _parse_method)}
 
 
-def request_overrides(extra_args: dict | None) -> dict:
+def _normal(key: str) -> str:
+    return re.sub(r"[^a-z]", "", key.lower())
+
+
+_NORMAL_PREFIX = _normal(KEY_PREFIX)
+_NORMAL_KEYS = {_normal(key): key for key in KEYS}
+
+
+def is_compaction_key(key: Any) -> bool:
+    """Whether a key is (or looks like, in another case or spelling) one of ours."""
+    return isinstance(key, str) and _normal(key).startswith(_NORMAL_PREFIX)
+
+
+def _unknown_key(key: str) -> RequestOverrideError:
+    meant = _NORMAL_KEYS.get(_normal(key))
+    hint = f" (keys are exact and lower case: did you mean {meant!r}?)" if meant else ""
+    return RequestOverrideError(
+        key, f"unknown per-request compaction key {_shown(key)}{hint}; allowed: {', '.join(KEYS)}"
+    )
+
+
+def request_overrides(extra_args: Any) -> dict:
     """The CompactionConfig fields a request asks to narrow, e.g. {"enabled": False} or {"ratio": 20.0}.
 
-    Raises RequestOverrideError (a ValueError) naming the key, the value and what is allowed when a `kv_compaction*` key is unknown or its
-    value has the wrong type. Whether the value is allowed on this server is `CompactionConfig.narrowed`'s check.
+    Raises RequestOverrideError when `extra_args` is not a dict, a compaction-looking key is not one of ours, or a
+    value has the wrong type or range. Whether the value is allowed on this server is `request_config`'s check.
     """
-    if not extra_args:
+    if extra_args is None:
         return {}
+    if not isinstance(extra_args, dict):
+        raise RequestOverrideError(
+            None, f"vllm_xargs must be an object of extension arguments, got {_kind(extra_args)}: {_shown(extra_args)}"
+        )
     overrides: dict = {}
     for key, value in extra_args.items():
-        if not isinstance(key, str) or not key.startswith(KEY_PREFIX):
+        if not is_compaction_key(key):
             continue
         if key not in _PARSERS:
-            raise RequestOverrideError(
-                key, f"unknown per-request compaction key {key!r}; allowed: {', '.join(_PARSERS)}"
-            )
+            raise _unknown_key(key)
         field, parse = _PARSERS[key]
         overrides[field] = parse(value)
     return overrides
 
 
-def request_config(server: CompactionConfig, extra_args: dict | None) -> CompactionConfig:
-    """The compaction settings of one request: the server's, narrowed by the request's `kv_compaction*` keys.
+def request_config(server: CompactionConfig, extra_args: Any) -> CompactionConfig:
+    """The compaction settings of one request: the server's, narrowed by the request's `kv_compaction_*` keys.
 
-    Every failure is a RequestOverrideError (a ValueError) with a message fit for an HTTP 400.
+    Every failure is a RequestOverrideError (a ValueError) with a message fit for an HTTP 400; `.param` names the
+    request field.
     """
     overrides = request_overrides(extra_args)
     if not overrides:
         return server
     if overrides.get("enabled") is False:
-        # Off is always allowed; the other keys are still checked for type above but not against the server.
+        # Off is always allowed; the other keys were still checked above but not against the server.
         return server.model_copy(update={"enabled": False})
     if overrides.get("enabled") and not server.enabled:
         raise RequestOverrideError(
             ENABLED_KEY, f"{ENABLED_KEY}=true: compaction is disabled on this server; a request can only turn it off"
         )
-    if overrides.get("ratio", server.ratio) < server.ratio:
+    ratio = overrides.get("ratio")
+    if ratio is not None and ratio < server.ratio:
         raise RequestOverrideError(
             RATIO_KEY,
-            f"{RATIO_KEY}={overrides['ratio']} is looser than this server's ratio {server.ratio}; "
-            f"allowed: a number >= {server.ratio} (a request may only compact more)",
+            f"{RATIO_KEY}={ratio} is looser than this server's ratio {server.ratio}; "
+            f"allowed: a number >= {server.ratio} and <= {MAX_RATIO} (a request may only compact more)",
         )
-    try:
-        return server.narrowed(overrides)
-    except ValidationError as e:
-        key = next((_key_of_field(str(err["loc"][0])) for err in e.errors() if err["loc"]), None)
-        raise RequestOverrideError(key, _per_request_message(format_validation_error(e))) from None
-
-
-def _key_of_field(field: str) -> str | None:
-    return next((key for key, (f, _) in _PARSERS.items() if f == field), None)
-
-
-def _per_request_message(message: str) -> str:
-    # format_validation_error names config fields; name the request keys instead.
-    for key, (field, _) in _PARSERS.items():
-        message = message.replace(f"setting {field}=", f"setting {key}=")
-    return message.replace("invalid compaction setting", "invalid per-request compaction setting")
+    # Every field was checked above against the config model's own types and bounds: no re-validation per request.
+    return server.model_copy(update=overrides)

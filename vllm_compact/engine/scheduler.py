@@ -100,15 +100,21 @@ class CompactionScheduler(Scheduler):
         return self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks[req_id]
 
     def _request_config(self, request: Request) -> CompactionConfig:
-        """The server's settings narrowed by the request's `kv_compaction_*` extra args (validated by the API)."""
+        """The server's settings narrowed by the request's `kv_compaction_*` extra args.
+
+        A bad value never gets here through vLLM's front ends: the admission hook (engine.request_validation)
+        refused it before the request was sent to the engine core. A request added to the core some other way
+        with a value that does not parse is served without compaction (never with settings it did not ask for),
+        and nothing raised here can reach the engine loop.
+        """
         cfg = self._request_configs.get(request.request_id)
         if cfg is None:
             extra = request.sampling_params.extra_args if request.sampling_params is not None else None
             try:
                 cfg = request_config(self.compaction_config, extra)
-            except ValueError as e:
-                logger.warning("vllm-compact: request %s: %s; using the server settings", request.request_id, e)
-                cfg = self.compaction_config
+            except Exception as e:  # noqa: BLE001 - one request's arguments must not stop the engine
+                logger.error("vllm-compact: request %s: %s; serving it without compaction", request.request_id, e)
+                cfg = self.compaction_config.model_copy(update={"enabled": False})
             self._request_configs[request.request_id] = cfg
         return cfg
 

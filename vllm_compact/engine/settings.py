@@ -12,9 +12,13 @@ logger = logging.getLogger("vllm_compact")
 
 SCHEDULER_CLS = "vllm_compact.engine.scheduler.CompactionScheduler"
 WORKER_CLS = "vllm_compact.engine.worker.CompactionCPUWorker"
+# vLLM's per-request admission hook (a logits processor's validate_params): bad kv_compaction_* keys are refused
+# in the front-end process, for the offline LLM API and every HTTP route alike.
+VALIDATOR_CLS = "vllm_compact.engine.request_validation.CompactionRequestValidator"
 
 
 def _check_platform() -> None:
+    """Compaction runs inside vLLM's CPU engine only: refuse any other platform before anything is installed."""
     import torch
 
     if torch.cuda.is_available():
@@ -22,6 +26,13 @@ def _check_platform() -> None:
             "vllm-compact 0.1 runs compaction inside the CPU engine only; the GPU engine integration "
             "(Triton compact-segment kernel + FlashAttention LSE merge) is not wired into vLLM yet. "
             "Run without --kv-compaction on GPU."
+        )
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise RuntimeError(
+            f"vllm-compact 0.1 runs compaction inside vLLM's CPU engine only; this vLLM runs on "
+            f"{current_platform.device_name!r}. Run without --kv-compaction here."
         )
 
 
@@ -43,14 +54,22 @@ def activate(config: CompactionConfig) -> dict:
         "worker_cls": WORKER_CLS,
         "enable_prefix_caching": False,
         "async_scheduling": False,
+        "logits_processors": [VALIDATOR_CLS],
     }
+
+
+def _with_validator(ours: dict, theirs: list | None) -> dict:
+    """The caller's own logits processors stay, ours is added once."""
+    given = list(theirs or [])
+    return {**ours, "logits_processors": given + [p for p in ours["logits_processors"] if p not in given]}
 
 
 def engine_kwargs(config: CompactionConfig, **kwargs) -> dict:
     """kwargs for `vllm.LLM(...)` / `EngineArgs(...)` with compaction on: `LLM(model, **engine_kwargs(cfg))`."""
-    return {**kwargs, **activate(config)}
+    return {**kwargs, **_with_validator(activate(config), kwargs.get("logits_processors"))}
 
 
 def apply_to_serve_args(args: argparse.Namespace, config: CompactionConfig) -> None:
-    for name, value in activate(config).items():
+    ours = _with_validator(activate(config), getattr(args, "logits_processors", None))
+    for name, value in ours.items():
         setattr(args, name, value)
