@@ -27,7 +27,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm_compact.config import ENV_VAR, CompactionConfig
 from vllm_compact.engine.request_overrides import RequestOverrideError, request_config
 
-VALIDATOR_CLS = "vllm_compact.engine.request_validation.CompactionRequestValidator"
+VALIDATOR_CLS = "vllm_compact.engine.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
 
 
 class CompactionParamsError(VLLMValidationError):

@@ -14,7 +14,7 @@ SCHEDULER_CLS = "vllm_compact.engine.scheduler.CompactionScheduler"
 WORKER_CLS = "vllm_compact.engine.worker.CompactionCPUWorker"
 # vLLM's per-request admission hook (a logits processor's validate_params): bad kv_compaction_* keys are refused
 # in the front-end process, for the offline LLM API and every HTTP route alike.
-VALIDATOR_CLS = "vllm_compact.engine.request_validation.CompactionRequestValidator"
+VALIDATOR_CLS = "vllm_compact.engine.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
 
 
 def _check_platform() -> None:
