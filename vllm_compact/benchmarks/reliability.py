@@ -642,6 +642,10 @@ def markdown(result: dict) -> str:
     if result.get("server"):
         srv = result["server"]
         lines += [f"Server: `{srv['env']} {srv['command']}`", ""]
+    if result.get("code", {}).get("commit"):
+        modified = result["code"]["modified"]
+        lines += [f"Code: commit {result['code']['commit'][:12]}"
+                  + (f" with local changes to {', '.join(modified)}" if modified else "") + ".", ""]
     lines += [f"{result['settings']['requests']} requests from {result['settings']['concurrency']} concurrent "
               f"clients in {result['wall_s'] / 60:.1f} min.", "",
               "| requests | completed | rejected_4xx | errors_5xx | lost | disconnected | compactions | "
@@ -675,6 +679,18 @@ def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.0f}% of compactions"
 
 
+def code_version() -> dict:
+    """The commit this ran from, and the tracked files that differed from it (a shared working tree)."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=30,
+                                  cwd=Path(__file__).resolve().parent).stdout.rstrip("\n")
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "modified": [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+
+
 def _trim(stats: dict | None) -> dict | None:
     return None if stats is None else {k: v for k, v in stats.items() if k != "requests"}
 
@@ -688,6 +704,7 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["vllm-compact", "bench", "reliability", *argv])
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    code = code_version()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     source = token_source(tokenizer, args.max_prompt)
     process, server_info = None, None
@@ -733,6 +750,7 @@ def main(argv: list[str]) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     result = {
         "command": command,
+        "code": code,
         "summary": summary,
         "settings": settings,
         "server": server_info,
