@@ -34,6 +34,7 @@ COMPACTION_FLAGS: dict[str, str] = {
 COMPACTION_SWITCHES: dict[str, str] = {
     "--kv-compaction-memory-pressure": "memory_pressure",
     "--kv-compaction-recompact": "recompact",
+    "--kv-compaction-during-prefill": "compact_during_prefill",
 }
 
 

@@ -49,6 +49,11 @@ class CompactionConfig(BaseModel):
     head_budget_file: str | None = Field(None, description="JSON table of per-head budget proportions (uniform if unset).")
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
+    compact_during_prefill: bool = Field(
+        False,
+        description="Compact a request whose prompt is still being prefilled; otherwise only under memory pressure, "
+        "so that the prompt's last tokens (usually the question) are among the reference queries.",
+    )
 
     @field_validator("query_source", mode="before")
     @classmethod

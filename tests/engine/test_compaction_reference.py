@@ -45,6 +45,7 @@ def compacted_run(tiny_model_path, tmp_path_factory):
             "recent_window_tokens": 32,
             "protected_initial_tokens": 1,
             "ratio": 4,
+            "compact_during_prefill": True,  # the replay covers tokens prefilled over a compact segment
             "head_budget_file": _head_table(tmp / "heads.json", cfg["num_hidden_layers"], cfg["num_key_value_heads"]),
         },
         "engine": {"block_size": BLOCK, "max_num_batched_tokens": 128, "max_model_len": 1024},

@@ -157,3 +157,21 @@ def test_failing_solves_never_lose_a_request(tiny_model_path, tmp_path):
         assert len(record["token_ids"]) == 24, method
         assert all(math.isfinite(lp) for step in record["logprobs"] for lp in step.values()), method
     assert stats["free_final"] == stats["free_initial"]
+
+
+def test_compaction_waits_for_the_whole_prompt(tiny_model_path, tmp_path):
+    """With pages to spare a chunked prompt is compacted once it is fully prefilled (its end, usually the question,
+    is then among the reference queries); `compact_during_prefill` compacts between chunks."""
+    prompt = _prompt(330, 3)
+    engine = {"block_size": BLOCK, "max_num_batched_tokens": 128, "max_model_len": 1024}
+    first_events = {}
+    for during in (False, True):
+        compaction = {"trigger_tokens": 64, "recent_window_tokens": 32, "protected_initial_tokens": 1, "ratio": 4,
+                      "compact_during_prefill": during}
+        result = run_scenario({"model": tiny_model_path, "compaction": compaction, "engine": engine,
+                               "requests": [{"id": "r", "prompt_token_ids": prompt, "max_tokens": 8}]},
+                              tmp_path / str(during))
+        first_events[during] = result["requests"]["r"]["events"][0]["computed_before"]
+        assert result["stats"]["free_final"] == result["stats"]["free_initial"]
+    assert first_events[False] == len(prompt)
+    assert first_events[True] < len(prompt)

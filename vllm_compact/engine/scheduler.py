@@ -135,6 +135,8 @@ class CompactionScheduler(Scheduler):
             return None
         if not under_pressure and new_blocks * bs < cfg.trigger_tokens:
             return None
+        if not under_pressure and not cfg.compact_during_prefill and computed < request.num_prompt_tokens:
+            return None  # with room to spare, wait for the whole prompt: its end is what the answer will ask
         return _Candidate(request, head_blocks, prev_end, end_block, cfg, state)
 
     def _memory_pressure(self) -> bool:
