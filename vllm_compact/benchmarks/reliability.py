@@ -606,13 +606,18 @@ LOG_MARKERS = {
     "tracebacks": "Traceback (most recent call last)",
     "injected_fault_messages": "injected compaction fault",
     "fallbacks_logged": "failed; falling back",
+    "all_methods_failed": "every compaction method failed",
+    "kept_newest_keys": "keeping its newest keys",
     "engine_dead": "EngineDeadError",
     "http_500_lines": '" 500 ',
 }
 
 
-def log_counts(log_path: Path) -> dict:
-    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+def log_counts(log_path: Path, upto: int | None = None) -> dict:
+    """Markers in the server's log up to byte `upto` (where it stood before we stopped it: stopping the server
+    kills its engine, and vLLM then logs an EngineDeadError of its own shutdown)."""
+    data = log_path.read_bytes() if log_path.is_file() else b""
+    text = data[:upto].decode(errors="replace")
     return {name: text.count(marker) for name, marker in LOG_MARKERS.items()}
 
 
@@ -659,6 +664,7 @@ def markdown(result: dict) -> str:
               f"(accepted: {s['invalid_accepted']}; rejections naming the offending key in error.param: "
               f"{s['rejections_naming_the_key']} of {s['invalid_with_a_key']}). Answers whose usage.kv_compaction shows a compaction: "
               f"{s['answers_compacted']} of {s['answers_with_kv_usage']} that carry it.", "",
+              *_log_line(result.get("server")),
               "Targets: " + ", ".join(f"{k}: **{'PASS' if v else 'FAIL'}**" for k, v in s["targets"].items()), "",
               "| endpoint | mode | overrides | completed | rejected | disconnected | lost | other |",
               "|---|---|---|---:|---:|---:|---:|---|"]
@@ -673,6 +679,17 @@ def markdown(result: dict) -> str:
         lines += [f"- #{p['index']} {p['endpoint']} {p['mode']} {p['overrides']}: {p['outcome']} (HTTP {p['status']}) "
                   f"{p['detail']}" for p in result["problems"][:20]]
     return "\n".join(lines) + "\n"
+
+
+def _log_line(server: dict | None) -> list[str]:
+    counts = (server or {}).get("log_counts")
+    if not counts:
+        return []
+    return [f"Server log until it was stopped: {counts['tracebacks']} tracebacks ({counts['injected_fault_messages']} "
+            f"injected faults, {counts['fallbacks_logged']} solves falling back to another method, "
+            f"{counts['all_methods_failed']} batches where every method failed and "
+            f"{counts['kept_newest_keys']} requests kept their newest keys), {counts['engine_dead']} EngineDeadError, "
+            f"{counts['http_500_lines']} HTTP 500.", ""]
 
 
 def _pct(share: float | None) -> str:
@@ -738,9 +755,11 @@ def main(argv: list[str]) -> int:
             alive = False
     finally:
         if process is not None:
+            log_size = Path(server_info["log"]).stat().st_size
             stop_server(process)
     if server_info is not None:
-        server_info["log_counts"] = log_counts(Path(server_info["log"]))
+        server_info["log_counts"] = log_counts(Path(server_info["log"]), upto=log_size)
+        server_info["log_counts_at_stop"] = log_counts(Path(server_info["log"]))
     summary = summarise(specs, outcomes, stats_start, stats_end, alive)
     by_index = {o.index: o for o in outcomes}
     problems = [{"index": s.index, "endpoint": s.endpoint, "mode": "stream" if s.stream else "json",
