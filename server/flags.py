@@ -35,6 +35,7 @@ COMPACTION_SWITCHES: dict[str, str] = {
     "--kv-compaction-memory-pressure": "memory_pressure",
     "--kv-compaction-recompact": "recompact",
     "--kv-compaction-during-prefill": "compact_during_prefill",
+    "--kv-compaction-refit-values": "refit_values",
 }
 
 

@@ -46,6 +46,12 @@ class CompactionConfig(BaseModel):
         4096, ge=1, description="Per KV head cap of reference queries kept per request (bounded reservoir)."
     )
     value_ridge: float = Field(1e-3, ge=0.0, description="Relative ridge of the value least-squares fit.")
+    refit_values: bool = Field(
+        False,
+        description="Refit the compact values by least squares on the reference queries (AM's C2). Off: the kept "
+        "keys keep their values and only beta is fitted; values fitted on the recent window's queries lose facts "
+        "that later queries read (bench needle-serving).",
+    )
     head_budget_file: str | None = Field(None, description="JSON table of per-head budget proportions (uniform if unset).")
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")

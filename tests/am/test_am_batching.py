@@ -135,6 +135,20 @@ def test_value_ridge_is_chosen_on_the_held_out_rows() -> None:
         assert errors[0] <= min(errors[1:]) * (1 + 1e-4) + 1e-9, (h, errors)
 
 
+def test_without_value_refit_the_kept_keys_keep_their_values_and_beta_is_still_fitted() -> None:
+    batch = clustered_values_batch(heads=6, n_keys=64, n_queries=96, dim=16, seed=5, budget=10)
+    options = {"seed": 2, "holdout_fraction": 0.0}
+    refit = compact_heads(batch, "am-highest-attention", **options)
+    kept = compact_heads(batch, "am-highest-attention", refit_values=False, **options)
+    for h in range(6):
+        indices, keys, beta, values = kept.head(h)
+        assert torch.equal(indices, refit.head(h)[0])
+        assert torch.equal(values, batch.values[h, indices])
+        assert torch.allclose(beta, refit.head(h)[2])  # the mass fit comes before, and without, the value fit
+    assert any(not torch.allclose(kept.head(h)[3], refit.head(h)[3]) for h in range(6))  # refit does move C2
+    assert bool((kept.beta[kept.indices >= 0] != 0).any())
+
+
 def mass_atoms64(batch: HeadBatch, h: int) -> torch.Tensor:
     """float64 exp(s q.k - row max) of head h (no bias, no mask): the mass fit's design matrix."""
     logits = float(batch.scale) * batch.queries[h].double() @ batch.keys[h].double().T

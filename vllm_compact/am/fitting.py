@@ -147,6 +147,18 @@ def fit_values(
     return ValueFit(values=values, failed=failed | broken, heldout_error=best_error)
 
 
+def original_values(
+    logits: Tensor, log_weight: Tensor, entries: Entries, reference: ReferenceAttention, rows: QueryRows
+) -> ValueFit:
+    """C2 = the kept keys' original values (no refit), with its held-out error for the guard."""
+    values = entries.values.float().masked_fill(~entries.valid[:, :, None], 0.0)
+    attention = softmax_rows(logits + log_weight[:, None, :])
+    index, judged = row_subset(rows.heldout & covered_rows(logits))
+    error = squared_output_error(gather_rows(attention, index), values, gather_rows(reference.output, index), judged)
+    failed = ~torch.isfinite(values).flatten(1).all(dim=1)
+    return ValueFit(values=values, failed=failed, heldout_error=error)
+
+
 def covered_rows(logits: Tensor) -> Tensor:
     """[H,N] bool: queries that see at least one selected entry."""
     row_max, _ = safe_row_max(logits)

@@ -30,6 +30,7 @@ from vllm_compact.am.fitting import (
     fit_log_weights,
     fit_values,
     judge,
+    original_values,
     split_queries,
 )
 from vllm_compact.am.omp import OmpSettings, omp_select
@@ -157,7 +158,7 @@ class AttentionMatching(CompactionMethod):
     head's uniform rescaling (am.fitting.fit_log_weights; 0 = the paper's plain NNLS).
     value_ridge: relative ridge of the C2 fit; ridge_grid: further ridges tried, each head keeping the one with the
     lowest held-out error; shrink_to_original: the ridge pulls C2 towards the kept keys' original values (else
-    towards 0, as in the paper).
+    towards 0, as in the paper); refit_values: False keeps the kept keys' original values as C2 (beta still fitted).
     holdout_fraction: share of the reference queries held out (seeded by `seed`) to choose the ridge and to compare,
     per head, the fit with eviction of the same keys (0 = no held-out rows: value_ridge alone, no comparison).
     chunk_elements: heads are solved in chunks of about this many query x key pairs (bounds memory).
@@ -171,6 +172,7 @@ class AttentionMatching(CompactionMethod):
     value_ridge: float = 1e-3
     ridge_grid: tuple[float, ...] = (3e-2, 1.0)
     shrink_to_original: bool = True
+    refit_values: bool = True
     holdout_fraction: float = 0.25
     seed: int = 0
     chunk_elements: int = 1 << 26
@@ -213,8 +215,11 @@ class AttentionMatching(CompactionMethod):
             logits, entries, reference, rows.fit, self.weight_bounds, self.pg_iters, self.mass_ridge,
             self.mass_prior_ridge,
         )
-        ridges = (self.value_ridge, *self.ridge_grid)
-        fit = fit_values(logits, log_weight, entries, reference, rows, ridges, self.shrink_to_original)
+        if self.refit_values:
+            ridges = (self.value_ridge, *self.ridge_grid)
+            fit = fit_values(logits, log_weight, entries, reference, rows, ridges, self.shrink_to_original)
+        else:
+            fit = original_values(logits, log_weight, entries, reference, rows)
         decision = judge(batch, entries, logits, log_weight, fit, reference, rows)
         return apply_guard(am_result(entries, log_weight, fit.values), decision, entries, batch)
 

@@ -129,7 +129,8 @@ class SegmentCompactor:
             if cls.needs_queries and int(batch.query_len.min()) == 0:
                 continue  # no reference queries: only position-based eviction applies
             try:
-                options = {"value_ridge": self.state.config.value_ridge} if cls.fits else {}
+                config = self.state.config
+                options = {"value_ridge": config.value_ridge, "refit_values": config.refit_values} if cls.fits else {}
                 result = self.faults.solve(compact_heads, batch, name, **options)
                 if not _finite(result):
                     raise FloatingPointError(f"{name} returned non-finite entries")
