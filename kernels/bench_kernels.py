@@ -1,6 +1,7 @@
 """Times each Triton kernel against its torch reference on CUDA at Qwen2.5-0.5B shapes and checks the error.
 
-    PYTHONPATH=. python3 -m vllm_compact.kernels.bench_kernels --out DIR
+    pip install --no-deps --no-build-isolation -e .   # no vLLM needed: maps kernels/ to vllm_compact.kernels
+    python3 -m vllm_compact.kernels.bench_kernels --out DIR
 
 Shapes (Qwen2.5-0.5B): 24 layers x 2 KV heads = 48 heads, head_dim 64, GQA group 7, a 32768-token span, 4096
 pooled reference queries per KV head, compact budget t = T/10; compact_attention: 64 decode requests (one query
