@@ -22,6 +22,7 @@ from vllm_compact.benchmarks.reliability import (
     make_specs,
     markdown,
     parse_rules,
+    preemptions,
     request_body,
     summarise,
     valid_xargs,
@@ -118,7 +119,7 @@ def test_streams_need_done_and_a_finish_reason_and_an_error_event_is_a_5xx():
 
 def _stats(compactions: int, faults: int, free: int) -> dict:
     return {"worker": {"compactions": compactions, "faults_injected": faults, "failures": faults // 2},
-            "scheduler": {"plans": compactions}, "totals": {"running_requests": 0},
+            "scheduler": {"plans": compactions, "pressure_steps": 1}, "totals": {"running_requests": 0},
             "pool": {"free_pages": free, "total_pages": free + 1}}
 
 
@@ -133,6 +134,7 @@ def test_summary_counts_lost_requests_leaks_and_targets():
     assert (s["requests"], s["completed"], s["rejected_4xx"], s["errors_5xx"], s["disconnected"]) == (6, 2, 1, 1, 1)
     assert s["lost"] == 2  # the 500 and the incomplete one; not the rejected invalid one nor the disconnected one
     assert (s["compactions"], s["faults_injected"], s["fault_share"], s["plans"]) == (20, 4, 0.2, 20)
+    assert s["pressure_steps"] == 0
     assert s["leaked_pages"] == -2 and s["rejections_naming_the_key"] == 1
     assert (s["answers_compacted"], s["answers_with_kv_usage"]) == (1, 2)
     assert not s["targets"]["lost == 0"] and not s["targets"]["leaked_pages == 0"]
@@ -151,3 +153,13 @@ def test_a_server_without_stats_fails_the_page_targets():
     s = summarise([_spec()], [Outcome(0, OK, 200)], None, None, server_alive=False)
     assert s["leaked_pages"] is None and s["compactions"] is None
     assert not s["targets"]["leaked_pages == 0"] and not s["targets"]["server_alive"]
+
+
+def test_preemptions_are_read_from_vllms_metrics():
+    page = ("# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.\n"
+            "# TYPE vllm:num_preemptions_total counter\n"
+            'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0\n'
+            'vllm:num_preemptions_created{engine="0",model_name="m"} 1.7e9\n'
+            'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n')
+    assert preemptions(page) == 3
+    assert preemptions("vllm:num_requests_running 0.0\n") is None

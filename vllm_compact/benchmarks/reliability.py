@@ -355,6 +355,11 @@ def summarise(specs: list[RequestSpec], outcomes: list[Outcome], stats_start: di
         a, b = worker(stats_start, key), worker(stats_end, key)
         return None if a is None or b is None else b - a
 
+    def scheduler_delta(key: str) -> int | None:
+        if stats_start is None or stats_end is None:
+            return None
+        return int(stats_end["scheduler"].get(key, 0)) - int(stats_start["scheduler"].get(key, 0))
+
     def free(stats: dict | None) -> int | None:
         return None if stats is None or "pool" not in stats else int(stats["pool"]["free_pages"])
 
@@ -378,8 +383,8 @@ def summarise(specs: list[RequestSpec], outcomes: list[Outcome], stats_start: di
         "faults_injected": faults,
         "fault_share": None if not compactions or faults is None else round(faults / compactions, 3),
         "failures": delta("failures"),
-        "plans": None if stats_start is None or stats_end is None else
-                 int(stats_end["scheduler"]["plans"]) - int(stats_start["scheduler"]["plans"]),
+        "plans": scheduler_delta("plans"),
+        "pressure_steps": scheduler_delta("pressure_steps"),
         "answers_compacted": sum((o.compactions or 0) > 0 for o in with_usage),
         "answers_with_kv_usage": len(with_usage),
         "free_pages_start": f0,
@@ -551,6 +556,22 @@ def idle_stats(base_url: str, model: str, timeout: float) -> dict | None:
     return last
 
 
+def preemptions(metrics_text: str) -> int | None:
+    """vLLM's preemption counter from a /metrics page (summed over its label sets), None when absent."""
+    values = [float(line.rsplit(None, 1)[1]) for line in metrics_text.splitlines()
+              if line.startswith("vllm:num_preemptions") and not line.startswith("vllm:num_preemptions_created")]
+    return int(sum(values)) if values else None
+
+
+def read_preemptions(base_url: str) -> int | None:
+    import httpx
+
+    try:
+        return preemptions(httpx.get(base_url + "/metrics", timeout=10).text)
+    except (httpx.HTTPError, ValueError, IndexError):
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -604,7 +625,8 @@ def stop_server(process: subprocess.Popen) -> None:
 
 LOG_MARKERS = {
     "tracebacks": "Traceback (most recent call last)",
-    "injected_fault_messages": "injected compaction fault",
+    "faults_raised": "InjectedFault: injected compaction fault",
+    "non_finite_results": "FloatingPointError: ",
     "fallbacks_logged": "failed; falling back",
     "all_methods_failed": "every compaction method failed",
     "kept_newest_keys": "keeping its newest keys",
@@ -659,7 +681,10 @@ def markdown(result: dict) -> str:
               f"| {s['requests']} | {s['completed']} | {s['rejected_4xx']} | {s['errors_5xx']} | {s['lost']} | "
               f"{s['disconnected']} | {s['compactions']} | {s['faults_injected']} ({_pct(s['fault_share'])}) | "
               f"{s['leaked_pages']} | {s['server_alive']} |", "",
-              f"Free KV pages idle: {s['free_pages_start']} at the start, {s['free_pages_end']} at the end. "
+              f"Free KV pages idle: {s['free_pages_start']} at the start, {s['free_pages_end']} at the end "
+              f"(pool: {result['stats_end']['pool']['total_pages'] if result.get('stats_end') else '?'} pages). "
+              f"Steps under memory pressure: {s.get('pressure_steps')}; preemptions (vLLM /metrics): "
+              f"{s.get('preemptions')}. "
               f"Compactions that needed a fallback: {s['failures']}. Invalid requests sent: {s['invalid_sent']} "
               f"(accepted: {s['invalid_accepted']}; rejections naming the offending key in error.param: "
               f"{s['rejections_naming_the_key']} of {s['invalid_with_a_key']}). Answers whose usage.kv_compaction shows a compaction: "
@@ -685,8 +710,9 @@ def _log_line(server: dict | None) -> list[str]:
     counts = (server or {}).get("log_counts")
     if not counts:
         return []
-    return [f"Server log until it was stopped: {counts['tracebacks']} tracebacks ({counts['injected_fault_messages']} "
-            f"injected faults, {counts['fallbacks_logged']} solves falling back to another method, "
+    return [f"Server log until it was stopped: {counts['tracebacks']} tracebacks ({counts['faults_raised']} "
+            f"injected raises, {counts['non_finite_results']} non-finite results (the injected NaN), "
+            f"{counts['fallbacks_logged']} solves falling back to another method, "
             f"{counts['all_methods_failed']} batches where every method failed and "
             f"{counts['kept_newest_keys']} requests kept their newest keys), {counts['engine_dead']} EngineDeadError, "
             f"{counts['http_500_lines']} HTTP 500.", ""]
@@ -745,10 +771,12 @@ def main(argv: list[str]) -> int:
         specs = make_specs(args, rules, len(source))
         prompts = {s.index: tokenizer.decode(source[s.prompt_offset:s.prompt_offset + s.prompt_tokens]) for s in specs}
         stats_start = idle_stats(base_url, served, args.idle_timeout)
+        preempted_start = read_preemptions(base_url)
         load_started = time.perf_counter()
         outcomes = asyncio.run(run_load(base_url, served, specs, prompts, args.concurrency, args.request_timeout))
         load_s = time.perf_counter() - load_started
         stats_end = idle_stats(base_url, served, args.idle_timeout)
+        preempted_end = read_preemptions(base_url)
         try:
             alive = _get_json(base_url, "/health")[0] == 200 and _tiny_completion(base_url, served)
         except Exception:  # noqa: BLE001 - a dead server is the finding
@@ -761,6 +789,8 @@ def main(argv: list[str]) -> int:
         server_info["log_counts"] = log_counts(Path(server_info["log"]), upto=log_size)
         server_info["log_counts_at_stop"] = log_counts(Path(server_info["log"]))
     summary = summarise(specs, outcomes, stats_start, stats_end, alive)
+    summary["preemptions"] = (None if preempted_start is None or preempted_end is None
+                              else preempted_end - preempted_start)
     by_index = {o.index: o for o in outcomes}
     problems = [{"index": s.index, "endpoint": s.endpoint, "mode": "stream" if s.stream else "json",
                  "overrides": s.overrides, "xargs": s.xargs, **{k: v for k, v in asdict(by_index[s.index]).items()
