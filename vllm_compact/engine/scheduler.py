@@ -8,9 +8,10 @@ step are compacted, and the worker executes the plans before the step writes any
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from vllm.logger import init_logger
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
@@ -24,6 +25,22 @@ from vllm_compact.engine.stats import SchedulerCompactionStats
 from vllm_compact.engine.stats_file import StatsFileWriter, worker_stats
 
 logger = init_logger(__name__)
+
+
+@dataclass
+class CompactionSchedulerOutput(SchedulerOutput):
+    """vLLM's step output with this step's compaction work as a declared field (pickled to the workers with it)."""
+
+    kv_compaction: CompactionStep | None = None
+
+    @classmethod
+    def of(cls, output: SchedulerOutput, step: CompactionStep) -> CompactionSchedulerOutput:
+        return cls(**{f.name: getattr(output, f.name) for f in fields(SchedulerOutput)}, kv_compaction=step)
+
+
+def compaction_step(output: SchedulerOutput) -> CompactionStep | None:
+    """The compaction work a step carries (None for stock steps)."""
+    return output.kv_compaction if isinstance(output, CompactionSchedulerOutput) else None
 
 
 @dataclass
@@ -85,7 +102,8 @@ class CompactionScheduler(Scheduler):
         if plans:
             # A request preempted while scheduling this step has dropped its compaction state and pages already.
             plans = [p for p in plans if p.req_id in self.compact_states]
-        output.kv_compaction = CompactionStep(plans=plans) if plans else None
+        if plans:
+            output = CompactionSchedulerOutput.of(output, CompactionStep(plans=plans))
         if self.stats_writer is not None:
             self._export_stats(force=bool(plans))
         return output

@@ -11,6 +11,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.engine.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.engine.layout import stock_block_layout
+from vllm_compact.engine.scheduler import compaction_step
 from vllm_compact.engine.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.engine.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
 
@@ -58,7 +59,7 @@ class CompactionCPUModelRunner(CPUModelRunner):
                 self._compactor = self._bind_compaction()
             state.drop(scheduler_output.finished_req_ids)
             state.drop(getattr(scheduler_output, "preempted_req_ids", None) or ())
-            step = getattr(scheduler_output, "kv_compaction", None)
+            step = compaction_step(scheduler_output)
             if step is not None:
                 self._compactor.execute(step)
             if self._stats_file is not None:
