@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import requests
 
-READY_TIMEOUT_S = 300  # vLLM imports itself twice (API server, engine core); slow on a busy 2-core machine
+# vLLM imports itself twice (API server, engine core); slow on a busy 2-core machine (raise it there with the env var)
+READY_TIMEOUT_S = float(os.environ.get("VLLM_COMPACT_TEST_READY_TIMEOUT_S", "300"))
 BASE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 BASE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32", "--max-model-len", "2048"]
 
@@ -78,3 +80,48 @@ def live_server(model: str, extra_args: list[str], log_dir: Path) -> Iterator[Li
         yield server
     finally:
         _stop(process)
+
+
+# ---- the tiny compaction server shared by the live test modules (tests/serving/conftest.py) --------------------
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "tiny"  # --served-model-name
+TRIGGER, RECENT = 64, 32
+SERVER_ARGS = ["--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "16", "--kv-compaction",
+               "--kv-compaction-trigger", str(TRIGGER), "--kv-compaction-recent-window", str(RECENT)]
+NO_EOS = {"ignore_eos": True}  # a random model may stop at once; every answer with it has max_tokens tokens
+
+
+def long_prompt(seed: int, words: int = 300) -> str:
+    """~770 tokens of the tiny model's tokenizer: far past trigger + recent window."""
+    return " ".join(f"w{(seed * 7 + j) % 50}" for j in range(words))
+
+
+def stats(server) -> dict:
+    r = requests.get(f"{server.base_url}/v1/compaction/stats", headers=AUTH, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def metric(server, name: str) -> float:
+    text = requests.get(f"{server.base_url}/metrics", timeout=10).text
+    found = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert found, f"{name} not on /metrics"
+    return float(found.group(1))
+
+
+def kv(usage) -> dict:
+    extra = usage.model_extra or {}
+    assert "kv_compaction" in extra, f"usage without kv_compaction: {usage}"
+    return extra["kv_compaction"]
+
+
+def wait_idle(server, timeout_s: float = 30.0) -> dict:
+    """Stats once no request runs; the KV pool must be empty again then (prefix caching is off with compaction)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = stats(server)
+        if current["totals"]["running_requests"] == 0 or time.monotonic() > deadline:
+            return current
+        time.sleep(0.2)

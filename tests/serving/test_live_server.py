@@ -1,12 +1,12 @@
 """A live `vllm-compact serve` (tiny model, compaction on, API key set) driven by the official `openai` client.
 
-One server for the whole module: starting vLLM costs far more than all the requests together.
+One server for the whole session (tests/serving/conftest.py), shared with the other live modules: starting vLLM
+costs far more than all the requests together.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,62 +15,9 @@ import pytest
 import requests
 
 from vllm_compact.server.kv_usage import engine_ids_pattern
-from tests.serving.live_server import live_server
+from tests.serving.live_server import AUTH, MODEL, NO_EOS, RECENT, TRIGGER, kv, long_prompt, metric, stats, wait_idle
 
-KEY = "test-key"
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MODEL = "tiny"  # --served-model-name
-TRIGGER, RECENT = 64, 32
-SERVER_ARGS = ["--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "16", "--kv-compaction",
-               "--kv-compaction-trigger", str(TRIGGER), "--kv-compaction-recent-window", str(RECENT)]
-NO_EOS = {"ignore_eos": True}  # a random model may stop at once; every answer here has max_tokens tokens
-
-
-def long_prompt(seed: int, words: int = 300) -> str:
-    """~770 tokens of the tiny model's tokenizer: far past trigger + recent window."""
-    return " ".join(f"w{(seed * 7 + j) % 50}" for j in range(words))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from vllm_compact.models.registry import ensure_model
-
-    with live_server(str(ensure_model("tiny")), SERVER_ARGS, tmp_path_factory.mktemp("live")) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
-
-
-def stats(server) -> dict:
-    r = requests.get(f"{server.base_url}/v1/compaction/stats", headers=AUTH, timeout=10)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def metric(server, name: str) -> float:
-    text = requests.get(f"{server.base_url}/metrics", timeout=10).text
-    found = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
-    assert found, f"{name} not on /metrics"
-    return float(found.group(1))
-
-
-def kv(usage) -> dict:
-    extra = usage.model_extra or {}
-    assert "kv_compaction" in extra, f"usage without kv_compaction: {usage}"
-    return extra["kv_compaction"]
-
-
-def wait_idle(server, timeout_s: float = 30.0) -> dict:
-    """Stats once no request runs; the KV pool must be empty again then (prefix caching is off with compaction)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = stats(server)
-        if current["totals"]["running_requests"] == 0 or time.monotonic() > deadline:
-            return current
-        time.sleep(0.2)
+# The `server` and `client` fixtures (one tiny server for the session) are in tests/serving/conftest.py.
 
 
 def test_completion_past_the_trigger_compacts_and_answers(server, client):
