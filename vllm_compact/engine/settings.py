@@ -15,6 +15,10 @@ WORKER_CLS = "vllm_compact.engine.worker.CompactionCPUWorker"
 # vLLM's per-request admission hook (a logits processor's validate_params): bad kv_compaction_* keys are refused
 # in the front-end process, for the offline LLM API and every HTTP route alike.
 VALIDATOR_CLS = "vllm_compact.engine.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
+# A step's compactions run inside the worker's execute_model: on a small CPU a large one (am-omp at 5x over 4K
+# tokens) takes minutes, and vLLM's default 300 s RPC timeout then declares the whole engine dead.
+EXECUTE_MODEL_TIMEOUT_ENV = "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
+EXECUTE_MODEL_TIMEOUT_S = 3600
 
 
 def _check_platform() -> None:
@@ -45,6 +49,7 @@ def activate(config: CompactionConfig) -> dict:
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"):
         raise RuntimeError("--kv-compaction needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ.setdefault(EXECUTE_MODEL_TIMEOUT_ENV, str(EXECUTE_MODEL_TIMEOUT_S))  # a user's setting wins
     from vllm_compact.engine.install import install
 
     install(config)  # this process too (plugins may already have been loaded before the env was set)
