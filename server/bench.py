@@ -1,4 +1,4 @@
-"""`vllm-compact bench am|needle|needle-sources|needle-diagnosis|needle-serving|needle-replica|throughput|reliability`: each benchmark writes JSON + markdown under bench/results/."""
+"""`vllm-compact bench am|needle|needle-sources|needle-diagnosis|needle-serving|needle-replica|throughput|reliability|head-budgets`: each benchmark writes JSON + markdown under bench/results/."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ BENCHMARKS = {
     "needle-replica": "vllm_compact.benchmarks.needle_replica",
     "throughput": "vllm_compact.benchmarks.throughput",
     "reliability": "vllm_compact.benchmarks.reliability",
+    "head-budgets": "vllm_compact.benchmarks.head_budgets",
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print("usage: vllm-compact bench {am,needle,needle-sources,needle-diagnosis,needle-serving,needle-replica,throughput,reliability} [--help]\n\n"
+        print("usage: vllm-compact bench {am,needle,needle-sources,needle-diagnosis,needle-serving,needle-replica,throughput,reliability,head-budgets} [--help]\n\n"
               "  am          compaction quality and speed on captured SmolLM2 tensors\n"
               "  needle      needle-in-a-haystack accuracy and log-perplexity through the engine\n"
               "  needle-sources  needle retention per reference-query source (after / repeat-prefill), offline\n"
@@ -27,7 +28,8 @@ def main(argv: list[str]) -> int:
               "  needle-serving  needle accuracy through a running server (make serve)\n"
               "  needle-replica  does the answer survive one compaction, per lever (offline replica)\n"
               "  throughput  concurrent long requests with compaction off vs on\n"
-              "  reliability  1000+ requests (bad ones, disconnects, injected faults) against a live server",
+              "  reliability  1000+ requests (bad ones, disconnects, injected faults) against a live server\n"
+              "  head-budgets  uniform vs calibrated per-head budgets on held-out real tensors, offline",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(BENCHMARKS[argv[0]])

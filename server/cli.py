@@ -1,4 +1,4 @@
-"""`vllm-compact` command: serve, models, data, bench.
+"""`vllm-compact` command: serve, models, data, bench, calibrate.
 
 Each subcommand lives in its own module with `main(argv) -> int`, imported lazily so that `vllm-compact models`
 never pays for importing vLLM.
@@ -14,12 +14,13 @@ SUBCOMMANDS = {
     "models": ("vllm_compact.models.cli", "list, fetch and locate the models this project ships converters for"),
     "data": ("vllm_compact.data.cli", "long-context data: essays, SQuAD, HotpotQA, needle-in-a-haystack prompts"),
     "bench": ("vllm_compact.server.bench", "benchmarks: am (compaction quality/speed), needle, throughput"),
+    "calibrate": ("vllm_compact.calibration", "measure a per-(layer, KV head) budget table for a model on real text"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: vllm-compact <command> [args]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `vllm-compact <command> --help` for a command's options."]
     return "\n".join(lines)
 

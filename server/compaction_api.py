@@ -37,6 +37,7 @@ from vllm_compact.engine.request_overrides import (
     request_config,
 )
 from vllm_compact.engine.stats_file import STATS_PATH_ENV
+from vllm_compact.head_table import describe_head_budgets
 from vllm_compact.server.kv_usage import KVUsage, ResponseShape, StatsReader, final_usage
 from vllm_compact.server.metrics import register_collector
 
@@ -109,7 +110,8 @@ class CompactionMiddleware:
         await response(scope, receive, send)
 
     async def _config_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = {"config": self.config.model_dump(), "per_request": per_request_help(self.config)}
+        body = {"config": self.config.model_dump(), "per_request": per_request_help(self.config),
+                "head_budgets": describe_head_budgets(self.config.head_budget_file)}
         await JSONResponse(body)(scope, receive, send)
 
     # ---- requests that carry a body -----------------------------------------------------------------------------

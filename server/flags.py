@@ -14,7 +14,14 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
 
 from vllm_compact.config import CompactionConfig, load_config
-from vllm_compact.head_table import FORMAT, HeadTableError, check_table_shape, model_head_shape, read_head_table
+from vllm_compact.head_table import (
+    FORMAT,
+    UNIFORM,
+    HeadTableError,
+    check_table_shape,
+    model_head_shape,
+    read_head_table,
+)
 
 CONFIG_FLAG = "--kv-compaction-config"
 
@@ -139,7 +146,7 @@ def local_model_dir(model: str | None) -> str | None:
 def check_head_budgets(config: CompactionConfig, model_dir: str | None, argv: list[str]) -> None:
     """The head-budget table against the model's (layers, KV heads), read from its config.json; nothing to do
     without a table or while the model's folder is not known (the engine checks again when it starts)."""
-    if config.head_budget_file is None or model_dir is None:
+    if config.head_budget_file in (None, UNIFORM) or model_dir is None:
         return
     shape = model_head_shape(model_dir)
     if shape is None:
@@ -175,7 +182,8 @@ def allowed_values(field: str) -> str:
     if annotation is bool:
         return "true or false"
     if field == "head_budget_file":
-        return f"a path to an existing JSON file {FORMAT}, one row per layer and one column per KV head of the model"
+        return (f"a path to an existing JSON file {FORMAT}, one row per layer and one column per KV head of the model, "
+                f"or {UNIFORM!r} (uniform budgets; unset: the table shipped for the model, if any)")
     noun = {int: "an integer", float: "a number"}.get(annotation, str(annotation))
     bounds = []
     for meta in info.metadata:

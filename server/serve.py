@@ -39,6 +39,18 @@ def resolve_model(model: str | None) -> str | None:
     return model
 
 
+def with_default_head_budgets(config: CompactionConfig, model: str | None, model_dir: str | None) -> CompactionConfig:
+    """head_budget_file unset: the table shipped for the model (by registry name or config.json fingerprint) is
+    written into the config, so the engine, /v1/compaction/config and the stats file all name it."""
+    from vllm_compact.head_table import read_model_config, resolve_head_budgets
+
+    path, how = resolve_head_budgets(config.head_budget_file, model, read_model_config(model_dir))
+    print(f"vllm-compact serve: head budgets: {how}", file=sys.stderr)
+    if config.head_budget_file is None and path is not None:
+        return config.model_copy(update={"head_budget_file": path})
+    return config
+
+
 def _build_parser():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -89,6 +101,7 @@ def main(argv: list[str]) -> int:
     from vllm_compact.server.memory import apply_cpu_kv_cache_default
 
     apply_cpu_kv_cache_default(args, argv)
+    requested = args.model_tag or args.model
     if args.model_tag is not None:
         args.model_tag = resolve_model(args.model_tag)
         args.model = args.model_tag
@@ -97,6 +110,8 @@ def main(argv: list[str]) -> int:
         check_head_budgets(config, local_model_dir(args.model), argv)
     except CompactionFlagError as e:
         return _fail(str(e))
+    if config.enabled:
+        config = with_default_head_budgets(config, requested, local_model_dir(args.model))
     stats_dir = None
     if config.enabled:
         from vllm_compact.engine.settings import apply_to_serve_args

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vllm_compact.am.methods import METHODS
-from vllm_compact.head_table import read_head_table
+from vllm_compact.head_table import UNIFORM, read_head_table
 
 ENV_VAR = "VLLM_COMPACT_CONFIG"
 MAX_RATIO = 1000.0
@@ -52,7 +52,12 @@ class CompactionConfig(BaseModel):
         "keys keep their values and only beta is fitted; values fitted on the recent window's queries lose facts "
         "that later queries read (bench needle-serving).",
     )
-    head_budget_file: str | None = Field(None, description="JSON table of per-head budget proportions (uniform if unset).")
+    head_budget_file: str | None = Field(
+        None,
+        description="JSON table of per-head budget proportions; unset: the table shipped for the model "
+        "(smollm2-135m, qwen2.5-0.5b; `vllm-compact calibrate` writes others), uniform for other models; "
+        "'uniform' forces uniform budgets.",
+    )
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
     compact_during_prefill: bool = Field(
@@ -75,7 +80,7 @@ class CompactionConfig(BaseModel):
     @classmethod
     def _check_budget_file(cls, value: str | None) -> str | None:
         # Contents checked here (JSON, shape, values); the shape against the model where the model is known.
-        if value is not None:
+        if value is not None and value != UNIFORM:
             if not Path(value).is_file():
                 raise ValueError(f"head_budget_file {value!r} does not exist")
             read_head_table(value)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vllm_compact.head_table import check_table_shape, read_head_table
+from vllm_compact.head_table import UNIFORM, check_table_shape, read_head_table
 
 Budgets = tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads]
 
@@ -20,13 +20,22 @@ def load_head_table(path: str, num_layers: int, num_kv_heads: int) -> torch.Tens
 
 
 class HeadBudgetPolicy:
-    """Turns a span length and the target ratio into per-head entry counts (uniform, or a per-head table)."""
+    """Turns a span length and the target ratio into per-head entry counts (uniform, or a per-head table).
+
+    A table whose layer rows all have the same sum (what `vllm-compact calibrate` writes by default) moves budget
+    only among the heads of a layer: it is distributed layer by layer, so every layer holds the uniform total and
+    the segment takes exactly uniform's pages. Any other table is distributed over all heads at once; its fullest
+    layer then decides the pages of every layer (pages_needed).
+    """
 
     def __init__(self, num_layers: int, num_kv_heads: int, ratio: float, table_path: str | None = None) -> None:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.ratio = ratio
-        self.table = load_head_table(table_path, num_layers, num_kv_heads) if table_path else None
+        use_table = table_path is not None and table_path != UNIFORM
+        self.table = load_head_table(table_path, num_layers, num_kv_heads) if use_table else None
+        rows = self.table.sum(1) if self.table is not None else None
+        self.per_layer = rows is not None and bool(torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-6, atol=0))
 
     def budgets(
         self, span_tokens: int, new_tokens: int, old_lens: Budgets | None, ratio: float | None = None
@@ -45,10 +54,16 @@ class HeadBudgetPolicy:
         else:
             from vllm_compact.am.budgets import proportional_budgets
 
-            total = per_head * self.num_layers * self.num_kv_heads
-            budgets = proportional_budgets(
-                self.table.flatten().float(), available.flatten(), total
-            ).view(shape)
+            if self.per_layer:
+                budgets = torch.stack([
+                    proportional_budgets(self.table[layer].float(), available[layer], per_head * self.num_kv_heads)
+                    for layer in range(self.num_layers)
+                ])
+            else:
+                total = per_head * self.num_layers * self.num_kv_heads
+                budgets = proportional_budgets(
+                    self.table.flatten().float(), available.flatten(), total
+                ).view(shape)
         budgets = torch.minimum(budgets.clamp(min=1), available)
         return tuple(tuple(int(x) for x in row) for row in budgets.tolist())
 

@@ -23,6 +23,7 @@ from vllm_compact.engine.request_overrides import request_config
 from vllm_compact.engine.state import worker_state
 from vllm_compact.engine.stats import SchedulerCompactionStats
 from vllm_compact.engine.stats_file import StatsFileWriter, worker_stats
+from vllm_compact.head_table import read_model_config, resolve_head_budgets
 
 logger = init_logger(__name__)
 
@@ -84,6 +85,7 @@ class CompactionScheduler(Scheduler):
         if self.compaction_active:
             model_config = self.vllm_config.model_config
             parallel = self.vllm_config.parallel_config
+            self._resolve_head_budgets(model_config)
             self.budget_policy = HeadBudgetPolicy(
                 num_layers=model_config.get_num_layers(parallel),
                 num_kv_heads=model_config.get_num_kv_heads(parallel),
@@ -91,6 +93,17 @@ class CompactionScheduler(Scheduler):
                 table_path=self.compaction_config.head_budget_file,
             )
             logger.info("vllm-compact: compaction active: %s", self.compaction_config.model_dump_json())
+
+    def _resolve_head_budgets(self, model_config) -> None:
+        """head_budget_file unset (the offline LLM API; `serve` resolves it before): the table shipped for the
+        model, by its config.json or vLLM's hf_config; the log says which table is in use."""
+        cfg = self.compaction_config
+        hf = getattr(model_config, "hf_config", None)
+        model_dict = read_model_config(model_config.model) or (hf.to_dict() if hf is not None else None)
+        path, how = resolve_head_budgets(cfg.head_budget_file, model_config.model, model_dict)
+        if cfg.head_budget_file is None and path is not None:
+            self.compaction_config = cfg.model_copy(update={"head_budget_file": path})
+        logger.info("vllm-compact: head budgets: %s", how)
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
