@@ -628,7 +628,7 @@ LOG_MARKERS = {
     "faults_raised": "InjectedFault: injected compaction fault",
     "non_finite_results": "FloatingPointError: ",
     "fallbacks_logged": "failed; falling back",
-    "all_methods_failed": "every compaction method failed",
+    "all_methods_failed": "RuntimeError: every compaction method failed",
     "kept_newest_keys": "keeping its newest keys",
     "engine_dead": "EngineDeadError",
     "http_500_lines": '" 500 ',
