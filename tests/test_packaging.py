@@ -49,3 +49,9 @@ def test_plugin_and_console_script_entry_points(wheel):
     entry_points = _metadata(wheel, "entry_points.txt")
     assert "[vllm.general_plugins]" in entry_points and "vllm_compact = vllm_compact.plugin:register" in entry_points
     assert "vllm-compact = vllm_compact.server.cli:main" in entry_points
+
+
+def test_shipped_head_budget_tables_are_package_data(wheel):
+    names = wheel.namelist()
+    for model in ("smollm2-135m", "qwen2.5-0.5b"):
+        assert f"vllm_compact/head_tables/{model}.json" in names

@@ -1,41 +1,37 @@
 """`vllm-compact calibrate MODEL`: a per-(layer, KV head) budget table measured on real text.
 
-What is measured (the statistic)
---------------------------------
-For one (layer, KV head) and one context, with the token layout the engine sees when it compacts (`--protected`
-head | span | `--recent` window | `--window` held-out tokens), keys and queries post-RoPE as the model computes
-them (transformers, fp32, one forward per context):
+The method: the paper's sensitivity calibration and greedy exchange, with a held-out objective
+------------------------------------------------------------------------------------------------
+The paper (design note section 5) holds every head at a uniform ratio, sweeps each head's budget, records the
+change in log-perplexity of reference answers, and then moves budget greedily from the cheapest donor to the
+most-benefiting recipient, averaged over target ratios. Here, per (layer, KV head) and per context of essay text
+(vllm_compact/data/essays.py, spread evenly over the first nine tenths of the corpus; `vllm-compact bench
+head-budgets` evaluates on the last tenth), with the token layout the engine compacts (`--protected` head | span |
+`--recent` window | `--window` held-out tokens), keys and queries post-RoPE as the model computes them
+(transformers, fp32, one forward per context):
 
-1. rank the span's keys by the RMS, over the reference queries (the recent window's, the engine's reservoir; the
-   KV head's GQA group pooled), of their LOCAL attention probabilities softmax(s q K_span^T): the
-   highest-attention score the engine's default method selects keys with;
-2. coverage(k) = mean over the held-out queries (the tokens after the recent window: queries the selection never
-   saw, like the ones that will read the compacted span later) of the local attention mass on the span that the
-   k best-ranked keys hold. Averaged over the contexts (essay text, vllm_compact/data/essays.py, spread evenly
-   over the first nine tenths of the corpus; `bench head-budgets` evaluates on the last tenth).
+1. sensitivity: the engine's method (`--method`, default am-highest-attention with the engine's default options)
+   compacts EVERY head of the span at each ratio of `--grid` (2.5 .. 40x), fitted on the recent window's queries
+   (the engine's reservoir; GQA group pooled); the head's error at that budget is the attention-output relative
+   error ||O_compact - O|| / ||O|| of the held-out queries (tokens after the recent window, never seen by the
+   fit: like the queries that read the compacted span later) against the span's original attention. All heads of
+   a grid point are solved in one batched call, as in the engine, so the sweep costs len(grid) solves per context
+   instead of one perplexity evaluation per head and budget;
+2. exchange: for each target ratio in `--ratios` (default 5, 10, 20), start every head at the uniform budget and
+   move budget/8 entries from the head whose error rises least to the head whose error falls most while the
+   summed error falls (errors between grid points interpolated in log budget), no head below `--floor` x uniform
+   (default 0.25: a head that is cheap on essays may be the one that reads a fact later) nor above 0.75 of the
+   span (the engine's cap);
+3. the proportions are the allocations' average over the target ratios (one table for every ratio).
 
-Why this statistic
-------------------
-AM matches each head's local output and mass over the span (design note section 1); what no fit recovers is
-attention that lands on keys it did not keep, so a head's error grows with the held-out mass outside its kept
-keys. coverage(k) is exactly that mass as a function of the budget, for the engine's own selection fitted on the
-queries the engine has: a head with diffuse attention (or whose future attention the recent window does not
-predict) has a slowly rising curve, a head that looks at a few keys is saturated after a handful.
-
-From curves to proportions: the paper's greedy exchange on this objective
---------------------------------------------------------------------------
-The paper (design note section 5) measures each head's sensitivity as the change in log-perplexity of reference
-answers while sweeping its budget, then moves budget greedily from the cheapest donor to the most-benefiting
-recipient, averaged over target ratios. Here the objective is the retained held-out attention mass (summed over
-heads) instead of perplexity: one forward per context instead of one perplexity sweep per head and ratio, and the
-same cause ranked (how much attention compaction drops). For each ratio in `--ratios` (default 5, 10, 20), every
-head starts at the floor (`--floor` x the uniform budget, default 0.25: no head is starved; a head that looked at
-a few keys on essays may be the one that reads a fact later), and each further entry goes to the head whose
-coverage rises most with it (marginal greedy: optimal when the curves are concave, and it is the exchange
-argument of the paper carried to its fixed point), each head capped at 0.75 of the span like the engine's
-water-filling. The proportions are the allocations' average over the ratios (the paper's one table for every
-ratio). `keys_needed` (the keys each head needs for `--share`, default 0.9, of its held-out mass) is recorded as a
-readable diagnostic.
+Why this objective: what compaction must preserve is each head's attention output on FUTURE queries; the
+relative output error on held-out queries is what `bench am` reports and what the AM fit targets, measured for
+the method the engine runs, on the queries the engine has. Perplexity of reference answers (the paper) is the
+end-to-end version, but it needs a forward per head and budget. `--objective coverage` is a cheaper proxy (no
+AM solves): the held-out attention mass on the keys ranked by the reference queries' RMS attention
+(coverage_curve), maximised by a greedy; on SmolLM2-135M it did not beat uniform budgets held out (see the
+README), so it is not the default. `keys_needed` (keys for `--share` of a head's held-out mass) is recorded as a
+readable diagnostic of how diffuse each head is.
 
 Where budget moves: `--scope layer` (default, shipped) redistributes only among the KV heads of a layer: every
 layer's row sums to 1 / num_layers, so every layer keeps exactly the uniform total. This is a memory decision:
@@ -56,7 +52,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-METHOD = "greedy-coverage"
+OBJECTIVES = {"output-error": "output-error-exchange", "coverage": "coverage-greedy"}  # -> the table's "method"
 FORMAT_VERSION = 1
 
 
@@ -158,9 +154,11 @@ class Layout:
 class _CoverageRecorder:
     """Transformers attention function: adds each layer's coverage curve to a running sum, then delegates."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, keep: bool = False) -> None:
         self.layout = layout
+        self.keep = keep  # also keep the layer's span keys/values and pooled queries (for the error objective)
         self.sums: dict[int, object] = {}
+        self.kept: dict[int, tuple] = {}
         self.scale: float | None = None
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -177,13 +175,13 @@ class _CoverageRecorder:
         def pooled(lo: int, hi: int):  # query head j belongs to KV head j // G (transformers' repeat_kv order)
             return q[:, lo:hi].reshape(num_kv, group * (hi - lo), d)
 
-        curve = coverage_curve(
-            pooled(lay.span, lay.span + lay.recent),
-            pooled(lay.span + lay.recent, lay.tokens),
-            key[0, :, lay.protected : lay.span].detach(),
-            scale,
-        )
+        reference, heldout = pooled(lay.span, lay.span + lay.recent), pooled(lay.span + lay.recent, lay.tokens)
+        span_keys = key[0, :, lay.protected : lay.span].detach()
+        curve = coverage_curve(reference, heldout, span_keys, scale)
         layer = int(module.layer_idx)
+        if self.keep:
+            span_values = value[0, :, lay.protected : lay.span].detach()
+            self.kept[layer] = tuple(t.float().contiguous() for t in (span_keys, span_values, reference, heldout))
         self.sums[layer] = curve if layer not in self.sums else self.sums[layer] + curve
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
@@ -215,32 +213,145 @@ def context_ids(tokenizer, text: str, offset: int, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def measure(model, tokenizer, text: str, layout: Layout, contexts: int, share: float, progress: bool = True):
-    """([L, H] int64 keys_needed, [L, H, T] float64 mean coverage curves, seconds)."""
+def grid_budgets(span: int, grid: list[float]) -> list[int]:
+    """Ascending distinct budgets round(span / g) of the error grid's ratios."""
+    return sorted({max(1, min(span, round(span / g))) for g in grid})
+
+
+def measure(model, tokenizer, text: str, layout: Layout, contexts: int, share: float, progress: bool = True,
+            objective: str = "coverage", grid: list[float] = (), method: str = "am-highest-attention",
+            method_options: dict | None = None):
+    """Averaged over the contexts: ([L, H] int64 keys_needed, [L, H, T] float64 coverage curves,
+    [L, H, B] float64 held-out output errors at grid_budgets(T, grid) (None unless objective 'output-error'),
+    seconds)."""
     import torch
     from tqdm import tqdm
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    with_errors = objective == "output-error"
     name = "vllm_compact_calibrate"
-    recorder = _CoverageRecorder(layout)
+    recorder = _CoverageRecorder(layout, keep=with_errors)
     ALL_ATTENTION_FUNCTIONS.register(name, recorder)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
+    span = layout.span - layout.protected
+    budgets = grid_budgets(span, list(grid)) if with_errors else []
+    errors = None
     started = time.perf_counter()
+    steps = contexts * (1 + len(budgets))
+    bar = tqdm(total=steps, desc="calibrate", unit="step", file=sys.stderr, disable=not progress)
     try:
-        for offset in tqdm(context_offsets(text, contexts), desc="calibrate contexts", unit="ctx", file=sys.stderr,
-                           disable=not progress):
+        for offset in context_offsets(text, contexts):
             ids = torch.tensor([context_ids(tokenizer, text, offset, layout.tokens)])
-            with torch.no_grad():
-                model(input_ids=ids, position_ids=torch.arange(layout.tokens)[None], use_cache=False)
+            model.set_attn_implementation(name)
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids, position_ids=torch.arange(layout.tokens)[None], use_cache=False)
+            finally:
+                model.set_attn_implementation(previous)
+            bar.update(1)
+            if with_errors:
+                found = head_errors(recorder.kept, recorder.scale, budgets, method, method_options or {}, bar)
+                errors = found if errors is None else errors + found
+                recorder.kept.clear()
     finally:
-        model.set_attn_implementation(previous)
+        bar.close()
     layers = sorted(recorder.sums)
     curves = torch.stack([recorder.sums[layer] / contexts for layer in layers])  # [L, H, T]
     counts = torch.stack([keys_needed(curves[i], share) for i in range(len(layers))])
-    return counts, curves, time.perf_counter() - started
+    return counts, curves, (errors / contexts if errors is not None else None), time.perf_counter() - started
+
+
+def head_errors(kept: dict, scale: float, budgets: list[int], method: str, options: dict, bar=None):
+    """[L, H, B] held-out attention-output relative error of `method` per head, every head at each budget."""
+    import torch
+
+    from vllm_compact.am import HeadBatch, compact_heads
+    from vllm_compact.benchmarks.heldout import heldout_errors, heldout_reference
+
+    layers = sorted(kept)
+    keys, values, reference, heldout = (torch.cat([kept[layer][i] for layer in layers]) for i in range(4))
+    num_layers, heads = len(layers), keys.shape[0] // len(layers)
+    truth = heldout_reference(keys, values, heldout, scale)
+    out = torch.zeros(num_layers, heads, len(budgets), dtype=torch.float64)
+    for b, budget in enumerate(budgets):
+        batch = HeadBatch(keys=keys, values=values, queries=reference, scale=scale,
+                          budget=torch.full((keys.shape[0],), budget, dtype=torch.long))
+        compacted = compact_heads(batch, method, **options)
+        out[:, :, b] = heldout_errors(truth, compacted)["output_rel_err"].double().view(num_layers, heads)
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def interpolated_error(errors_h: list[float], budgets: list[int], b: float) -> float:
+    """A head's error at budget b: linear in log(budget) between the grid points, the first segment's slope
+    below the grid (fewer keys keep costing), flat above it (no gain claimed where nothing was measured)."""
+    if len(budgets) == 1:
+        return errors_h[0]
+    x = math.log(max(b, 1e-9))
+    xs = [math.log(v) for v in budgets]
+    if x >= xs[-1]:
+        return errors_h[-1]
+    i = 0 if x <= xs[0] else max(j for j in range(len(xs) - 1) if xs[j] <= x)
+    t = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return errors_h[i] + t * (errors_h[i + 1] - errors_h[i])
+
+
+def exchange_allocation(errors, budgets: list[int], uniform: int, floor_units: int, cap: int,
+                        step: int | None = None, max_moves: int = 100_000) -> list[int]:
+    """The paper's greedy exchange on [G, B] error curves at grid `budgets`: start every head at `uniform`, move
+    `step` entries (default uniform / 8) from the donor that loses least to the recipient that gains most while
+    that lowers the summed error; no head below floor_units or above cap. The total stays G x uniform."""
+    rows = errors.double().tolist()
+    heads = len(rows)
+    step = step or max(1, uniform // 8)
+    alloc = [uniform] * heads
+
+    def err(h: int, b: int) -> float:
+        return interpolated_error(rows[h], budgets, b)
+
+    for _ in range(max_moves):
+        gains = [(err(h, alloc[h]) - err(h, alloc[h] + step), h) for h in range(heads) if alloc[h] + step <= cap]
+        costs = [(err(h, alloc[h] - step) - err(h, alloc[h]), h) for h in range(heads)
+                 if alloc[h] - step >= floor_units]
+        best = None
+        for gain, r in gains:
+            for cost, d in costs:
+                if d != r and gain - cost > 1e-12 and (best is None or gain - cost > best[0]):
+                    best = (gain - cost, r, d)
+        if best is None:
+            break
+        _, r, d = best
+        alloc[r] += step
+        alloc[d] -= step
+    return alloc
+
+
+def proportions_from_errors(errors, budgets: list[int], span: int, ratios: list[float], floor: float, scope: str):
+    """[L, H] float64 proportions summing to 1 from [L, H, B] error curves: the exchange at each ratio (within
+    each layer for scope 'layer', over all heads for 'model'), as a share of its total, averaged over ratios."""
+    import torch
+
+    num_layers, num_heads, _ = errors.shape
+    cap = max(1, math.floor(0.75 * span))
+    out = torch.zeros(num_layers, num_heads, dtype=torch.float64)
+    for ratio in ratios:
+        uniform = max(1, round(span / ratio))
+        floor_units = max(1, math.floor(floor * uniform))
+        if scope == "layer":
+            for layer in range(num_layers):
+                alloc = torch.tensor(exchange_allocation(errors[layer], budgets, uniform, floor_units, cap),
+                                     dtype=torch.float64)
+                out[layer] += alloc / alloc.sum() / num_layers
+        elif scope == "model":
+            alloc = torch.tensor(exchange_allocation(errors.flatten(0, 1), budgets, uniform, floor_units, cap),
+                                 dtype=torch.float64)
+            out += (alloc / alloc.sum()).view(num_layers, num_heads)
+        else:
+            raise ValueError(f"scope must be 'layer' or 'model', got {scope!r}")
+    return out / len(ratios)
 
 
 # ---- memory accounting with the engine's own policy -------------------------------------------------------------------
@@ -298,6 +409,32 @@ def mean_coverage(curves, table: list[list[float]] | None, ratio: float) -> floa
         if path:
             Path(path).unlink()
     values = [float(curves[l, h, b - 1]) for l, row in enumerate(budgets) for h, b in enumerate(row)]
+    return sum(values) / len(values)
+
+
+def _policy_budgets(num_layers: int, num_heads: int, span: int, table: list[list[float]] | None, ratio: float):
+    import tempfile
+
+    from vllm_compact.engine.budgets import HeadBudgetPolicy
+
+    path = None
+    if table is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump({"proportions": table}, f)
+            path = f.name
+    try:
+        return HeadBudgetPolicy(num_layers, num_heads, ratio, table_path=path).budgets(span, span, None)
+    finally:
+        if path:
+            Path(path).unlink()
+
+
+def mean_error(errors, grid: list[int], span: int, table: list[list[float]] | None, ratio: float) -> float:
+    """Mean over heads of the interpolated held-out output error at the engine's budgets (uniform or table)."""
+    num_layers, num_heads, _ = errors.shape
+    budgets = _policy_budgets(num_layers, num_heads, span, table, ratio)
+    rows = errors.double().tolist()
+    values = [interpolated_error(rows[l][h], grid, b) for l, row in enumerate(budgets) for h, b in enumerate(row)]
     return sum(values) / len(values)
 
 
@@ -374,12 +511,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="leading tokens left out of the span (attention sinks; the engine keeps whole blocks, so "
                         "its 4 protected tokens are one 128-token block on vLLM's CPU default) (default: 128)")
     p.add_argument("--recent", type=_positive_int, default=256,
-                   help="tokens after the span whose queries rank the keys (the engine's recent window / "
-                        "reference queries) (default: 256)")
+                   help="tokens after the span whose queries the method is fitted on (the engine's recent window, "
+                        "its reference queries) (default: 256)")
     p.add_argument("--window", type=_positive_int, default=256,
-                   help="held-out tokens after the recent window whose attention is covered (default: 256)")
+                   help="held-out tokens after the recent window whose queries score each head (default: 256)")
+    p.add_argument("--objective", choices=tuple(OBJECTIVES), default="output-error",
+                   help="'output-error': the exchange on each head's held-out AM output error at the --grid "
+                        "ratios (default); 'coverage': the greedy on held-out attention coverage (no AM solves: "
+                        "one forward per context)")
+    p.add_argument("--grid", type=_ratio, nargs="+", default=[2.5, 5.0, 10.0, 20.0, 40.0],
+                   help="ratios at which every head's error is measured (default: 2.5 5 10 20 40)")
+    p.add_argument("--method", default="am-highest-attention",
+                   help="compaction method of the error objective, with the engine's default options "
+                        "(default: am-highest-attention)")
     p.add_argument("--ratios", type=_ratio, nargs="+", default=[5.0, 10.0, 20.0],
-                   help="target ratios the greedy allocation is averaged over (default: 5 10 20)")
+                   help="target ratios the allocation is averaged over (default: 5 10 20)")
     p.add_argument("--floor", type=_fraction(False), default=0.25,
                    help="every head's minimum, as a fraction of the uniform budget at each ratio (default: 0.25)")
     p.add_argument("--share", type=_fraction(True), default=0.9,
@@ -426,24 +572,36 @@ def calibrate(args: argparse.Namespace) -> dict:
         from vllm_compact.data.essays import essay_text
 
         text = essay_text()
+    from vllm_compact.am.methods import method_class
+    from vllm_compact.config import CompactionConfig
+
+    engine = CompactionConfig()  # the engine's defaults: the method and its value options
+    options = ({"value_ridge": engine.value_ridge, "refit_values": engine.refit_values}
+               if method_class(args.method).fits else {})
     model, tokenizer = load_model(model_dir)
-    counts, curves, seconds = measure(model, tokenizer, text, layout, args.contexts, args.share,
-                                      progress=not args.no_progress)
-    table = proportions_from_curves(curves, args.ratios, args.floor, args.scope)
-    rows = [[round(float(v), 8) for v in row] for row in table]
+    counts, curves, errors, seconds = measure(
+        model, tokenizer, text, layout, args.contexts, args.share, progress=not args.no_progress,
+        objective=args.objective, grid=args.grid, method=args.method, method_options=options)
     span_keys = args.span - args.protected
+    budgets = grid_budgets(span_keys, args.grid)
+    if errors is not None:
+        table = proportions_from_errors(errors, budgets, span_keys, args.ratios, args.floor, args.scope)
+    else:
+        table = proportions_from_curves(curves, args.ratios, args.floor, args.scope)
+    rows = [[round(float(v), 8) for v in row] for row in table]
     memory = compare_memory(rows, args.report_span or span_keys, args.report_ratio, args.block_size)
     return {
         "proportions": rows,
         "model": name,
         "fingerprint": model_fingerprint(read_model_config(model_dir) or {}),
-        "method": METHOD,
+        "method": OBJECTIVES[args.objective],
         "format_version": FORMAT_VERSION,
         "scope": args.scope,
         "settings": {
             "contexts": args.contexts, "span": args.span, "protected": args.protected, "recent": args.recent,
             "window": args.window, "share": args.share, "floor": args.floor, "ratios": args.ratios,
-            "text": args.text or "essays",
+            "text": args.text or "essays", "objective": args.objective, "grid": args.grid,
+            "compaction_method": args.method, "compaction_options": options,
         },
         "keys_needed": counts.tolist(),
         "span_keys": span_keys,
@@ -454,6 +612,12 @@ def calibrate(args: argparse.Namespace) -> dict:
         "mean_coverage": {f"{ratio:g}": {name: round(mean_coverage(curves, rows if name == "calibrated" else None,
                                                                    ratio), 4)
                                          for name in ("uniform", "calibrated")} for ratio in args.ratios},
+        **({"grid_budgets": budgets,
+            "output_error": [[[round(float(e), 5) for e in head] for head in layer] for layer in errors],
+            "mean_error": {f"{ratio:g}": {name: round(mean_error(errors, budgets, span_keys,
+                                                                  rows if name == "calibrated" else None, ratio), 5)
+                                          for name in ("uniform", "calibrated")} for ratio in args.ratios}}
+           if errors is not None else {}),
         "memory": memory,
         "seconds": round(seconds, 1),
     }
@@ -482,6 +646,9 @@ def _summary(result: dict) -> str:
         f"{result['span_keys']} span keys: min {flat[0]}, median {flat[len(flat) // 2]}, max {flat[-1]}",
         "held-out mass kept, mean over heads (calibration contexts), uniform -> calibrated: " + ", ".join(
             f"{r}x {v['uniform']:.3f} -> {v['calibrated']:.3f}" for r, v in result["mean_coverage"].items()),
+        *(["held-out AM output error, mean over heads (calibration contexts, interpolated), uniform -> calibrated: "
+           + ", ".join(f"{r}x {v['uniform']:.4f} -> {v['calibrated']:.4f}" for r, v in result["mean_error"].items())]
+          if "mean_error" in result else []),
         f"memory at ratio {uni['ratio']:g}, span {uni['span_tokens']}, block {uni['block_size']} "
         f"(scope {result['scope']}):",
         f"  uniform:    {uni['pages']} pages = {uni['physical_tokens']} physical tokens per layer lane, "
@@ -498,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # bad arguments: argparse exits 2 with the reason
     if args.protected >= args.span:
         parser.error(f"--protected ({args.protected}) must be smaller than --span ({args.span})")
+    from vllm_compact.am.methods import METHODS
+
+    if args.method not in METHODS:
+        parser.error(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
     if args.text is not None and not Path(args.text).is_file():
         parser.error(f"--text {args.text!r} is not a file")
     try:

@@ -1,10 +1,10 @@
 """`vllm-compact bench head-budgets`: uniform vs calibrated per-head budgets on real tensors, held out.
 
 Contexts come from the LAST tenth of the essay corpus (the calibration's contexts start in the first nine tenths),
-laid out as the engine compacts: [protected head | span | recent window | held-out tokens]. Each method is fitted
-on the recent window's queries (the engine's reservoir) and scored on the held-out tokens' queries against the
-span's original attention: attention-output relative error and mass error per (layer, KV head), plus the share
-of the held-out local attention mass that lands on the kept keys. Budgets come from the engine's own
+laid out as the engine compacts: [protected head | span | recent window | held-out tokens]. Each method (with the
+engine's default options) is fitted on the recent window's queries (the engine's reservoir) and scored on the
+held-out tokens' queries against the span's original attention: attention-output relative error and mass error
+per (layer, KV head), plus the share of the held-out local attention mass that lands on the kept keys. Budgets come from the engine's own
 HeadBudgetPolicy (uniform, or the table), with the pages and physical tokens they take.
 """
 
@@ -44,6 +44,15 @@ def _kept_mass(reference, compacted, keys, scale) -> "torch.Tensor":  # noqa: F8
     valid = compacted.indices >= 0
     kept.scatter_(1, idx, valid.double())
     return (probs * kept[:, None, :]).sum(-1).mean(-1)
+
+
+def engine_options(method: str) -> dict:
+    """The options the engine's compactor passes a fitting method (its config defaults)."""
+    from vllm_compact.am.methods import method_class
+    from vllm_compact.config import CompactionConfig
+
+    config = CompactionConfig()
+    return {"value_ridge": config.value_ridge, "refit_values": config.refit_values} if method_class(method).fits else {}
 
 
 def main(argv: list[str]) -> int:
@@ -92,7 +101,7 @@ def main(argv: list[str]) -> int:
                 batch = HeadBatch(keys=keys, values=values, queries=cap.queries["after"].flatten(0, 1),
                                   scale=cap.scale, budget=budget, key_len=key_len)
                 for method in args.methods:
-                    compacted = compact_heads(batch, method)
+                    compacted = compact_heads(batch, method, **engine_options(method))
                     errors = heldout_errors(reference, compacted)
                     kept = _kept_mass(reference, compacted, keys, cap.scale)
                     per_context.append({
