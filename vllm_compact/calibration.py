@@ -110,13 +110,13 @@ def greedy_allocation(curves, total: int, floor_units: int, cap: int) -> list[in
     return alloc
 
 
-def proportions_from_curves(curves, ratios: list[float], floor: float, scope: str):
-    """[L, H] float64 proportions summing to 1 from [L, H, T] coverage curves: the greedy allocation at each ratio
-    (per layer for scope 'layer', over all heads for 'model'), as a share of its total, averaged over ratios.
-    Scope 'layer' gives every row the sum 1 / L."""
+def _averaged_shares(rows, span: int, ratios: list[float], floor: float, scope: str, allocate):
+    """[L, H] float64 proportions summing to 1: `allocate(head_rows, per_head, floor_units, cap)` (integer entries
+    per head of `head_rows` [n, ...], n heads sharing n x per_head) at each ratio, per layer for scope 'layer' or
+    over all heads for 'model', as a share of its total, averaged over ratios. Scope 'layer' gives every row 1 / L."""
     import torch
 
-    num_layers, num_heads, span = curves.shape
+    num_layers, num_heads = rows.shape[:2]
     cap = max(1, math.floor(0.75 * span))
     out = torch.zeros(num_layers, num_heads, dtype=torch.float64)
     for ratio in ratios:
@@ -124,16 +124,22 @@ def proportions_from_curves(curves, ratios: list[float], floor: float, scope: st
         floor_units = max(1, math.floor(floor * per_head))
         if scope == "layer":
             for layer in range(num_layers):
-                alloc = torch.tensor(greedy_allocation(curves[layer], per_head * num_heads, floor_units, cap),
-                                     dtype=torch.float64)
+                alloc = torch.tensor(allocate(rows[layer], per_head, floor_units, cap), dtype=torch.float64)
                 out[layer] += alloc / alloc.sum() / num_layers
         elif scope == "model":
-            alloc = torch.tensor(greedy_allocation(curves.flatten(0, 1), per_head * num_heads * num_layers,
-                                                   floor_units, cap), dtype=torch.float64)
+            alloc = torch.tensor(allocate(rows.flatten(0, 1), per_head, floor_units, cap), dtype=torch.float64)
             out += (alloc / alloc.sum()).view(num_layers, num_heads)
         else:
             raise ValueError(f"scope must be 'layer' or 'model', got {scope!r}")
     return out / len(ratios)
+
+
+def proportions_from_curves(curves, ratios: list[float], floor: float, scope: str):
+    """[L, H] proportions from [L, H, T] coverage curves: the greedy allocation at each ratio."""
+    def allocate(heads, per_head, floor_units, cap):
+        return greedy_allocation(heads, per_head * heads.shape[0], floor_units, cap)
+
+    return _averaged_shares(curves, curves.shape[2], ratios, floor, scope, allocate)
 
 
 # ---- capture: one forward per context, the statistic computed inside the attention call ------------------------------
@@ -330,28 +336,11 @@ def exchange_allocation(errors, budgets: list[int], uniform: int, floor_units: i
 
 
 def proportions_from_errors(errors, budgets: list[int], span: int, ratios: list[float], floor: float, scope: str):
-    """[L, H] float64 proportions summing to 1 from [L, H, B] error curves: the exchange at each ratio (within
-    each layer for scope 'layer', over all heads for 'model'), as a share of its total, averaged over ratios."""
-    import torch
+    """[L, H] proportions from [L, H, B] error curves: the exchange from uniform at each ratio."""
+    def allocate(heads, per_head, floor_units, cap):
+        return exchange_allocation(heads, budgets, per_head, floor_units, cap)
 
-    num_layers, num_heads, _ = errors.shape
-    cap = max(1, math.floor(0.75 * span))
-    out = torch.zeros(num_layers, num_heads, dtype=torch.float64)
-    for ratio in ratios:
-        uniform = max(1, round(span / ratio))
-        floor_units = max(1, math.floor(floor * uniform))
-        if scope == "layer":
-            for layer in range(num_layers):
-                alloc = torch.tensor(exchange_allocation(errors[layer], budgets, uniform, floor_units, cap),
-                                     dtype=torch.float64)
-                out[layer] += alloc / alloc.sum() / num_layers
-        elif scope == "model":
-            alloc = torch.tensor(exchange_allocation(errors.flatten(0, 1), budgets, uniform, floor_units, cap),
-                                 dtype=torch.float64)
-            out += (alloc / alloc.sum()).view(num_layers, num_heads)
-        else:
-            raise ValueError(f"scope must be 'layer' or 'model', got {scope!r}")
-    return out / len(ratios)
+    return _averaged_shares(errors, span, ratios, floor, scope, allocate)
 
 
 # ---- memory accounting with the engine's own policy -------------------------------------------------------------------
