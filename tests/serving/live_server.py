@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from vllm_compact.benchmarks.reliability import stop_server
 
 # vLLM imports itself twice (API server, engine core); slow on a busy 2-core machine (raise it there with the env var)
 READY_TIMEOUT_S = float(os.environ.get("VLLM_COMPACT_TEST_READY_TIMEOUT_S", "300"))
@@ -54,17 +55,6 @@ def _wait_ready(server: LiveServer) -> None:
     raise RuntimeError(f"server not ready after {READY_TIMEOUT_S} s:\n{server.log_tail()}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
 @contextmanager
 def live_server(model: str, extra_args: list[str], log_dir: Path) -> Iterator[LiveServer]:
     exe = shutil.which("vllm-compact", path=str(Path(sys.executable).parent))
@@ -79,7 +69,7 @@ def live_server(model: str, extra_args: list[str], log_dir: Path) -> Iterator[Li
         _wait_ready(server)
         yield server
     finally:
-        _stop(process)
+        stop_server(process)
 
 
 # ---- the tiny compaction server shared by the live test modules (tests/serving/conftest.py) --------------------
