@@ -52,46 +52,14 @@ def parse_config(config: str) -> tuple[str, float, dict, bool]:
     return method, float(ratio), options, "protect" in rest
 
 
-def compacted_cache(replica, config: str, protect_positions: list[int], protected: int):
-    """[head ; compact entries ; recent window] per layer for one configuration."""
-    import torch
-
-    from vllm_compact.am import HeadBatch, compact_heads, uniform_budgets
-    from vllm_compact.benchmarks.am import reference_queries
-    from vllm_compact.benchmarks.reference_llama import LayerCache, compact_layer_cache
-
-    method, ratio, options, protect = parse_config(config)
-    cap = replica.captured
-    keys, values = cap.keys[:, :, protected:].flatten(0, 1), cap.values[:, :, protected:].flatten(0, 1)
-    num_layers, num_kv_heads = cap.keys.shape[:2]
-    key_len = torch.full((keys.shape[0],), keys.shape[1])
-    batch = HeadBatch(keys=keys, values=values, queries=reference_queries(cap, "after", 4096)[0], scale=cap.scale,
-                      budget=uniform_budgets(key_len, ratio), key_len=key_len)
-    result = compact_heads(batch, method, **options)
-    forced = torch.tensor([p - protected for p in protect_positions if p >= protected], dtype=torch.long)
-    caches = []
-    for layer in range(num_layers):
-        entries = []
-        for head in range(num_kv_heads):
-            row = layer * num_kv_heads + head
-            n = int(result.length[row])
-            k, v, b = result.keys[row, :n], result.values[row, :n], result.beta[row, :n]
-            if protect:
-                extra = forced[~torch.isin(forced, result.indices[row, :n])]
-                k, v = torch.cat([k, keys[row, extra]]), torch.cat([v, values[row, extra]])
-                b = torch.cat([b, torch.zeros(extra.numel())])
-            entries.append((k, v, b))
-        head_cache = LayerCache(cap.keys[layer, :, :protected], cap.values[layer, :, :protected],
-                                torch.zeros(num_kv_heads, protected))
-        caches.append(LayerCache.cat([head_cache, compact_layer_cache(entries), replica.recent[layer]]))
-    return caches
-
-
 def _needle_positions(tokenizer, ids: list[int], needle) -> list[int]:
+    """The needle sentence's token positions in the prompt (through its value and the two tokens after)."""
+    from vllm_compact.benchmarks.needle_diagnosis import _find
+
     value = tokenizer.encode(needle.answer, add_special_tokens=False)
-    start = next(i for i in range(len(ids) - len(value), -1, -1) if ids[i : i + len(value)] == value)
+    end = _find(ids, value) + len(value)
     sentence = len(tokenizer.encode(needle.needle, add_special_tokens=False))
-    return list(range(start + len(value) - sentence - 1, start + len(value) + 2))
+    return list(range(end - sentence - 1, end + 2))
 
 
 def main(argv: list[str]) -> int:
@@ -128,8 +96,11 @@ def main(argv: list[str]) -> int:
         positions = _needle_positions(tokenizer, ids, needle)
         for config in configs:
             with torch.no_grad():
-                cache = replica.full if config == "none" else compacted_cache(replica, config, positions,
-                                                                              args.protected)
+                if config == "none":
+                    cache = replica.full
+                else:
+                    method, ratio, options, protect = parse_config(config)
+                    cache = replica.compacted_cache(method, ratio, "after", options, positions if protect else None)
                 text = replica.answer(cache)
             hit = needle.is_answered_by(text)
             counts[config][0] += hit

@@ -70,7 +70,10 @@ class _Replica:
         self.recent = [cache.slice(len(span), len(document)) for cache in self.full]
         self.document_len = len(document)
 
-    def compacted_cache(self, method: str, ratio: float, source: str):
+    def compacted_cache(self, method: str, ratio: float, source: str, options: dict | None = None,
+                        forced_keys=None):
+        """[protected ; compact entries ; recent window] per layer. `options` configure the method; `forced_keys`
+        (span positions, protected head included) are added to every head with their original K/V and beta 0."""
         import torch
 
         from vllm_compact.am import HeadBatch, compact_heads, uniform_budgets
@@ -79,20 +82,27 @@ class _Replica:
 
         cap, protected = self.captured, self.args.protected
         queries = torch.cat([reference_queries(cap, name, self.args.max_queries)[0] for name in source.split("+")], 1)
-        keys = cap.keys[:, :, protected:].flatten(0, 1)
+        keys, values = cap.keys[:, :, protected:].flatten(0, 1), cap.values[:, :, protected:].flatten(0, 1)
         num_layers, num_kv_heads = cap.keys.shape[:2]
         key_len = torch.full((keys.shape[0],), keys.shape[1])
-        batch = HeadBatch(keys=keys, values=cap.values[:, :, protected:].flatten(0, 1),
-                          queries=queries, scale=cap.scale,
+        batch = HeadBatch(keys=keys, values=values, queries=queries, scale=cap.scale,
                           budget=uniform_budgets(key_len, ratio), key_len=key_len)
-        compacted = compact_heads(batch, method)
+        compacted = compact_heads(batch, method, **(options or {}))
+        forced = torch.tensor([p - protected for p in (forced_keys or ()) if p >= protected], dtype=torch.long)
         caches = []
         for layer in range(num_layers):
-            heads = [compacted.head(layer * num_kv_heads + h) for h in range(num_kv_heads)]
-            entries = compact_layer_cache([(k, v, beta) for _, k, beta, v in heads])
+            entries = []
+            for h in range(num_kv_heads):
+                row = layer * num_kv_heads + h
+                indices, k, beta, v = compacted.head(row)
+                extra = forced[~torch.isin(forced, indices)]
+                if extra.numel():
+                    k, v = torch.cat([k, keys[row, extra]]), torch.cat([v, values[row, extra]])
+                    beta = torch.cat([beta, torch.zeros(extra.numel(), dtype=beta.dtype)])
+                entries.append((k, v, beta))
             head = LayerCache(cap.keys[layer, :, :protected], cap.values[layer, :, :protected],
                               torch.zeros(num_kv_heads, protected))
-            caches.append(LayerCache.cat([head, entries, self.recent[layer]]))
+            caches.append(LayerCache.cat([head, compact_layer_cache(entries), self.recent[layer]]))
         return caches
 
     def question_logits(self, cache):
