@@ -3,7 +3,7 @@
 One pure ASGI middleware:
 - validates the per-request compaction keys of any JSON POST (`vllm_xargs.kv_compaction_*`, and `vllm_xargs`
   itself) against the server's settings with `request_config`, the same code as the engine's admission hook
-  (engine/request_validation.py), but on the raw JSON; a bad value is an HTTP 400 in vLLM's error shape whose
+  (integration/request_validation.py), but on the raw JSON; a bad value is an HTTP 400 in vLLM's error shape whose
   `param` names the field, and the request never reaches vLLM's handlers;
 - serves GET /v1/compaction/stats (the scheduler's stats file) and GET /v1/compaction/config;
 - adds `usage.kv_compaction = {logical_tokens, physical_tokens, compactions}` to /v1/completions and
@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_compact.config import CompactionConfig, config_from_env
-from vllm_compact.engine.request_overrides import (
+from vllm_compact.core.request_overrides import (
     ENABLED_KEY,
     METHOD_KEY,
     METHODS,
@@ -36,7 +36,7 @@ from vllm_compact.engine.request_overrides import (
     RequestOverrideError,
     request_config,
 )
-from vllm_compact.engine.stats_file import STATS_PATH_ENV
+from vllm_compact.core.stats_file import STATS_PATH_ENV
 from vllm_compact.head_table import describe_head_budgets
 from vllm_compact.server.kv_usage import KVUsage, ResponseShape, StatsReader, final_usage
 from vllm_compact.server.metrics import register_collector

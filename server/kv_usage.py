@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TypedDict
 
-from vllm_compact.engine.stats_file import RequestStats, StatsPayload, read_stats_file, worker_stats_path
+from vllm_compact.core.stats_file import RequestStats, StatsPayload, read_stats_file, worker_stats_path
 
 # How long a finished response waits for the scheduler's file to show its requests as finished (the scheduler
 # writes at once when a request finishes, so this is normally one short poll).

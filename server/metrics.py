@@ -14,7 +14,7 @@ from itertools import accumulate
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
-from vllm_compact.engine.stats_file import SECONDS_BUCKETS, StatsPayload
+from vllm_compact.core.stats_file import SECONDS_BUCKETS, StatsPayload
 from vllm_compact.server.kv_usage import StatsReader
 
 logger = logging.getLogger("vllm_compact")

@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.stats_file import STATS_PATH_ENV
+from vllm_compact.core.stats_file import STATS_PATH_ENV
 from vllm_compact.server.flags import (
     CompactionFlagError,
     add_compaction_args,
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> int:
         config = with_default_head_budgets(config, requested, local_model_dir(args.model))
     stats_dir = None
     if config.enabled:
-        from vllm_compact.engine.settings import apply_to_serve_args
+        from vllm_compact.integration.settings import apply_to_serve_args
 
         try:
             apply_to_serve_args(args, config)

@@ -28,7 +28,7 @@ from vllm_compact.benchmarks.reliability import (
     valid_xargs,
 )
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.request_overrides import RequestOverrideError, request_config
+from vllm_compact.core.request_overrides import RequestOverrideError, request_config
 from vllm_compact.server.compaction_api import per_request_help
 
 SERVER = CompactionConfig(enabled=True, ratio=10.0)

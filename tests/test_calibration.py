@@ -305,7 +305,7 @@ def test_shipped_tables_exist_and_match_their_models_shape(name):
 
 
 def test_the_shipped_table_keeps_uniform_pages_at_ratio_10():
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
 
     path = str(TABLES_DIR / "smollm2-135m.json")
     calibrated = HeadBudgetPolicy(30, 3, 10.0, table_path=path)
@@ -344,7 +344,7 @@ def test_default_table_by_name_by_config_and_overrides(tmp_path):
 
 def test_serve_writes_the_default_into_the_config(tmp_path):
     from vllm_compact.config import CompactionConfig
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
     from vllm_compact.server.serve import with_default_head_budgets
 
     shipped = str(TABLES_DIR / "smollm2-135m.json")
@@ -388,7 +388,7 @@ def test_the_engine_scheduler_resolves_an_unset_file_from_the_model_config(tmp_p
     from types import SimpleNamespace
 
     from vllm_compact.config import CompactionConfig
-    from vllm_compact.engine.scheduler import CompactionScheduler
+    from vllm_compact.integration.scheduler import CompactionScheduler
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -350,7 +350,7 @@ def memory_report(table: list[list[float]] | None, span: int, ratio: float, bloc
     """Per-layer entry totals, pages (the fullest layer decides) and physical tokens of one compacted span."""
     import tempfile
 
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
 
     num_layers, num_heads = (len(table), len(table[0])) if table else (None, None)
     path = None
@@ -384,7 +384,7 @@ def mean_coverage(curves, table: list[list[float]] | None, ratio: float) -> floa
     """Mean over heads of coverage at the budgets the engine's HeadBudgetPolicy gives a span of T keys."""
     import tempfile
 
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
 
     num_layers, num_heads, span = curves.shape
     path = None
@@ -404,7 +404,7 @@ def mean_coverage(curves, table: list[list[float]] | None, ratio: float) -> floa
 def _policy_budgets(num_layers: int, num_heads: int, span: int, table: list[list[float]] | None, ratio: float):
     import tempfile
 
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
 
     path = None
     if table is not None:

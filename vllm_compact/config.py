@@ -86,7 +86,7 @@ class CompactionConfig(BaseModel):
             read_head_table(value)
         return value
 
-    # Per-request narrowing: vllm_compact.engine.request_overrides.request_config (the one path).
+    # Per-request narrowing: vllm_compact.core.request_overrides.request_config (the one path).
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -13,6 +13,6 @@ def register() -> None:
     config = config_from_env()
     if config is None or not config.enabled:
         return
-    from vllm_compact.engine.install import install
+    from vllm_compact.integration.install import install
 
     install(config)

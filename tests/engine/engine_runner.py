@@ -22,9 +22,9 @@ patch_vllm_version()
 
 def fetch_segments(worker, req_ids):
     """Runs in the worker: the compact entries of each request, per layer, per KV head."""
-    from vllm_compact.engine.compactor import read_segment_head
-    from vllm_compact.engine.layout import compact_page_view
-    from vllm_compact.engine.state import worker_state
+    from vllm_compact.core.compactor import read_segment_head
+    from vllm_compact.integration.layout import compact_page_view
+    from vllm_compact.core.state import worker_state
 
     state = worker_state()
     out = {}
@@ -42,7 +42,7 @@ def fetch_segments(worker, req_ids):
 
 
 def worker_stats(worker):
-    from vllm_compact.engine.state import worker_state
+    from vllm_compact.core.state import worker_state
 
     state = worker_state()
     return None if state is None else {**state.stats.as_dict(), "segments": len(state.segments),
@@ -58,7 +58,7 @@ def main() -> None:
     engine_kwargs = dict(dtype="float32", enforce_eager=True, seed=0, **scenario.get("engine", {}))
     if scenario.get("compaction") is not None:
         from vllm_compact.config import CompactionConfig
-        from vllm_compact.engine.settings import engine_kwargs as compaction_kwargs
+        from vllm_compact.integration.settings import engine_kwargs as compaction_kwargs
 
         engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **scenario["compaction"]), **engine_kwargs)
     llm = LLM(model=scenario["model"], **engine_kwargs)

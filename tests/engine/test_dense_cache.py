@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_compact.engine.attention import compacted_attention
-from vllm_compact.engine.dense_cache import DenseKVCache, LayerKV
-from vllm_compact.engine.state import CompactSegment
+from vllm_compact.integration.attention_backend import compacted_attention
+from vllm_compact.core.dense_cache import DenseKVCache, LayerKV
+from vllm_compact.core.state import CompactSegment
 from vllm_compact.kernels.compact_attention import SegmentEntries
 
 

@@ -12,7 +12,7 @@ patch_vllm_version()
 from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
-from vllm_compact.engine.layout import compact_page_view, stock_block_layout  # noqa: E402
+from vllm_compact.integration.layout import compact_page_view, stock_block_layout  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_compact.engine.state import QueryReservoir
+from vllm_compact.core.state import QueryReservoir
 
 
 def _rows(t: torch.Tensor) -> list[tuple]:

@@ -12,7 +12,7 @@ import pytest
 from vllm.sampling_params import SamplingParams
 
 from vllm_compact.config import ENV_VAR, CompactionConfig
-from vllm_compact.engine.request_validation import CompactionParamsError, CompactionRequestValidator
+from vllm_compact.integration.request_validation import CompactionParamsError, CompactionRequestValidator
 
 SERVER = CompactionConfig(enabled=True, ratio=8.0, trigger_tokens=64, recent_window_tokens=32)
 
@@ -57,7 +57,7 @@ patch_vllm_version()
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
     from vllm_compact.config import CompactionConfig
-    from vllm_compact.engine.settings import engine_kwargs
+    from vllm_compact.integration.settings import engine_kwargs
     from vllm_compact.models.registry import ensure_model
 
     bad = json.loads(sys.argv[1])

@@ -7,12 +7,12 @@ import os
 import pytest
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine import settings
+from vllm_compact.integration import settings
 
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    monkeypatch.setattr("vllm_compact.engine.install.install", lambda config: None)
+    monkeypatch.setattr("vllm_compact.integration.install.install", lambda config: None)
     for name in (settings.EXECUTE_MODEL_TIMEOUT_ENV, "VLLM_USE_V2_MODEL_RUNNER", "VLLM_COMPACT_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 from vllm.v1.core.block_pool import BlockPool
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.scheduler import CompactionScheduler
-from vllm_compact.engine.state import WorkerCompactionState
-from vllm_compact.engine.stats import SchedulerCompactionStats
-from vllm_compact.engine.stats_file import StatsSnapshot, WorkerStats, read_stats_file, write_stats_file
-from vllm_compact.engine.worker import file_stats
+from vllm_compact.integration.scheduler import CompactionScheduler
+from vllm_compact.core.state import WorkerCompactionState
+from vllm_compact.core.stats import SchedulerCompactionStats
+from vllm_compact.core.stats_file import StatsSnapshot, WorkerStats, read_stats_file, write_stats_file
+from vllm_compact.integration.worker import file_stats
 
 
 def _scheduler(pool: BlockPool) -> CompactionScheduler:
@@ -27,7 +27,7 @@ def _scheduler(pool: BlockPool) -> CompactionScheduler:
 
 
 def test_snapshot_reports_the_pools_free_pages(tmp_path, monkeypatch):
-    monkeypatch.setattr("vllm_compact.engine.scheduler.worker_state", lambda: None)
+    monkeypatch.setattr("vllm_compact.integration.scheduler.worker_state", lambda: None)
     pool = BlockPool(num_gpu_blocks=10, enable_caching=False, hash_block_size=16)
     sched = _scheduler(pool)
     idle = sched._stats_snapshot()
@@ -51,6 +51,6 @@ def test_worker_counters_reach_the_file_with_faults_injected(monkeypatch):
     assert (got["compactions"], got["failures"], got["faults_injected"]) == (7, 2, 3)
     assert got["seconds_total"] == 0.75 and got["dense_copy_bytes"] == 0
     # In-process engines: the scheduler's snapshot carries the same section from the shared state.
-    monkeypatch.setattr("vllm_compact.engine.scheduler.worker_state", lambda: state)
+    monkeypatch.setattr("vllm_compact.integration.scheduler.worker_state", lambda: state)
     sched = _scheduler(BlockPool(num_gpu_blocks=4, enable_caching=False, hash_block_size=16))
     assert sched._stats_snapshot()["worker"] == got

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vllm_compact.engine.attention as attention
+import vllm_compact.integration.attention_backend as attention
 
 
 @pytest.mark.parametrize("fused,dtype", [(True, torch.float32), (True, torch.bfloat16), (False, torch.float32)])

@@ -1,8 +1,8 @@
-"""Stats-file contents for tests, in the exact format of vllm_compact.engine.stats_file."""
+"""Stats-file contents for tests, in the exact format of vllm_compact.core.stats_file."""
 
 from __future__ import annotations
 
-from vllm_compact.engine.stats_file import StatsPayload, StatsSnapshot, seconds_histogram
+from vllm_compact.core.stats_file import StatsPayload, StatsSnapshot, seconds_histogram
 
 
 def snapshot(compactions: int = 0, seconds: tuple[float, ...] = (), physical: int = 0, logical: int = 0) -> StatsSnapshot:

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from starlette.testclient import TestClient
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.stats_file import write_stats_file
+from vllm_compact.core.stats_file import write_stats_file
 from vllm_compact.server import kv_usage
 from vllm_compact.server.kv_usage import StatsReader, engine_ids_pattern
 from vllm_compact.server.metrics import register_collector

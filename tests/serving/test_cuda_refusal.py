@@ -24,7 +24,7 @@ def clean_env(monkeypatch):
 def test_cuda_is_refused_and_nothing_is_exported(monkeypatch, clean_env):
     import torch
 
-    from vllm_compact.engine import settings
+    from vllm_compact.integration import settings
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CPU engine only.*Run without --kv-compaction on GPU"):
@@ -35,7 +35,7 @@ def test_cuda_is_refused_and_nothing_is_exported(monkeypatch, clean_env):
 def test_another_non_cpu_vllm_platform_is_refused(monkeypatch, clean_env):
     import vllm.platforms
 
-    from vllm_compact.engine import settings
+    from vllm_compact.integration import settings
 
     monkeypatch.setattr(vllm.platforms, "_current_platform", SimpleNamespace(is_cpu=lambda: False, device_name="xpu"))
     with pytest.raises(RuntimeError, match="CPU engine only; this vLLM runs on 'xpu'"):
@@ -44,7 +44,7 @@ def test_another_non_cpu_vllm_platform_is_refused(monkeypatch, clean_env):
 
 
 def test_cpu_is_accepted_and_installs_the_admission_hook_next_to_the_callers_processors(clean_env):
-    from vllm_compact.engine import settings
+    from vllm_compact.integration import settings
 
     kwargs = settings.engine_kwargs(CONFIG, logits_processors=["my.mod:Proc"], dtype="float32")
     assert kwargs["logits_processors"] == ["my.mod:Proc", settings.VALIDATOR_CLS]

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.request_overrides import KEYS, METHODS, RequestOverrideError, request_config
+from vllm_compact.core.request_overrides import KEYS, METHODS, RequestOverrideError, request_config
 from tests.serving.live_server import AUTH, MODEL, long_prompt, stats, wait_idle
 
 # Numbers JSON can write but Python cannot hold as they are, put into the body as text: 1e400 (json.loads makes it

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vllm_compact.config import MAX_RATIO, CompactionConfig
-from vllm_compact.engine.request_overrides import (
+from vllm_compact.core.request_overrides import (
     KEYS,
     METHODS,
     RequestOverrideError,

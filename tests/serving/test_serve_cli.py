@@ -166,7 +166,7 @@ def test_head_budget_shape_is_checked_against_the_models_config_json(head_files,
 
 
 def test_an_unknown_model_leaves_the_shape_to_the_engine(head_files):
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
     from vllm_compact.server.flags import check_head_budgets, local_model_dir
 
     argv = ["/no/such/model", "--kv-compaction", "--kv-compaction-head-budgets", head_files["wrong_shape"]]

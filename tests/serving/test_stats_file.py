@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from vllm_compact.engine.stats_file import (
+from vllm_compact.core.stats_file import (
     SECONDS_BUCKETS,
     StatsFileWriter,
     WorkerStatsFileWriter,
@@ -74,7 +74,7 @@ def test_histogram_counts_each_observation_in_its_le_bucket():
 
 def test_writer_throttles_unless_forced_and_keeps_finished_requests(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("vllm_compact.engine.stats_file.time.time", lambda: clock[0])
+    monkeypatch.setattr("vllm_compact.core.stats_file.time.time", lambda: clock[0])
     writer = StatsFileWriter(tmp_path / "s.json", min_interval_s=0.5, max_finished=2)
     writer.track_request("a", 100, 100, 0)
     assert writer.maybe_write(snapshot)
@@ -108,7 +108,7 @@ def test_writer_from_env(monkeypatch, tmp_path):
 
 def test_an_unwritten_finish_forces_the_next_write(tmp_path, monkeypatch):
     clock = [50.0]
-    monkeypatch.setattr("vllm_compact.engine.stats_file.time.time", lambda: clock[0])
+    monkeypatch.setattr("vllm_compact.core.stats_file.time.time", lambda: clock[0])
     writer = StatsFileWriter(tmp_path / "s.json", min_interval_s=0.5)
     writer.track_request("a", 10, 10, 0)
     assert writer.maybe_write(snapshot)
@@ -143,7 +143,7 @@ def test_the_workers_counters_convert_as_they_are():
     """The contract with the worker: `worker_stats(**asdict(state.stats))`."""
     from dataclasses import asdict
 
-    from vllm_compact.engine.stats import WorkerCompactionStats
+    from vllm_compact.core.stats import WorkerCompactionStats
 
     counters = WorkerCompactionStats(compactions=4, failures=1, heads_fell_back=2, seconds=[0.5, 0.25],
                                      reservoir_bytes=64)

@@ -42,7 +42,7 @@ def make_engine(model: str, compaction: dict | None, **engine_kwargs):
 
     if compaction is not None:
         from vllm_compact.config import CompactionConfig
-        from vllm_compact.engine.settings import engine_kwargs as compaction_kwargs
+        from vllm_compact.integration.settings import engine_kwargs as compaction_kwargs
 
         engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **compaction), **engine_kwargs)
     return LLM(model=model, **engine_kwargs)
@@ -78,7 +78,7 @@ def run_requests(llm, prompts: list[dict], params: list) -> tuple[dict, EngineRu
     stats.preemptions = sum(preempt.values())
     stats.free_blocks_final = pool.get_num_free_blocks()
     if hasattr(scheduler, "compaction_stats"):
-        from vllm_compact.engine.state import worker_state
+        from vllm_compact.core.state import worker_state
 
         ws = worker_state()
         stats.compaction = {**scheduler.compaction_stats.as_dict(), **(ws.stats.as_dict() if ws else {})}

@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     from vllm_compact.benchmarks.capture import build_layout, capture, load_model
     from vllm_compact.benchmarks.heldout import heldout_errors, heldout_reference
     from vllm_compact.data.essays import essay_text, sentence_starts
-    from vllm_compact.engine.budgets import HeadBudgetPolicy
+    from vllm_compact.core.budgets import HeadBudgetPolicy
     from vllm_compact.head_table import resolve_head_budgets
     from vllm_compact.models.registry import ensure_model
 

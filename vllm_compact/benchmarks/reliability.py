@@ -136,7 +136,7 @@ def parse_rules(config_body: dict) -> ServerRules:
     help_ = config_body.get("per_request", {}).get(KEY_METHOD, "")
     methods = [m.strip() for m in help_.removeprefix("one of ").split(",") if m.strip()]
     if not methods:
-        from vllm_compact.engine.request_overrides import METHODS
+        from vllm_compact.core.request_overrides import METHODS
 
         methods = list(METHODS)
     return ServerRules(ratio=float(config["ratio"]), methods=methods, enabled=bool(config["enabled"]))

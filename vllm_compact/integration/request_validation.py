@@ -25,9 +25,9 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from vllm_compact.config import ENV_VAR, CompactionConfig
-from vllm_compact.engine.request_overrides import RequestOverrideError, request_config
+from vllm_compact.core.request_overrides import RequestOverrideError, request_config
 
-VALIDATOR_CLS = "vllm_compact.engine.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
+VALIDATOR_CLS = "vllm_compact.integration.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
 
 
 class CompactionParamsError(VLLMValidationError):

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from vllm_compact.am import HeadBatch, compact_heads, method_class
-from vllm_compact.engine.layout import StockBlockLayout, compact_page_view
-from vllm_compact.engine.faults import FaultInjector
-from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
-from vllm_compact.engine.state import CompactSegment, WorkerCompactionState
+from vllm_compact.integration.layout import StockBlockLayout, compact_page_view
+from vllm_compact.core.faults import FaultInjector
+from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.core.state import CompactSegment, WorkerCompactionState
 
 logger = logging.getLogger("vllm_compact.compactor")
 

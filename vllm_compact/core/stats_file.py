@@ -46,8 +46,8 @@ class WorkerStats(TypedDict):
     seconds_total: float
     seconds_hist: SecondsHistogram
     reservoir_bytes: int
-    dense_copy_bytes: int  # CPU path: dense copies of compacted requests' KV (engine/dense_cache.py)
-    faults_injected: int   # test-only fault switch (engine/faults.py); 0 in production
+    dense_copy_bytes: int  # CPU path: dense copies of compacted requests' KV (core/dense_cache.py)
+    faults_injected: int   # test-only fault switch (core/faults.py); 0 in production
 
 
 class Totals(TypedDict):

@@ -17,12 +17,12 @@ from vllm.v1.request import Request, RequestStatus
 
 from vllm_compact.am.methods import method_class
 from vllm_compact.config import CompactionConfig, config_from_env
-from vllm_compact.engine.budgets import HeadBudgetPolicy
-from vllm_compact.engine.plan import CompactionStep, RequestCompactionPlan
-from vllm_compact.engine.request_overrides import request_config
-from vllm_compact.engine.state import worker_state
-from vllm_compact.engine.stats import SchedulerCompactionStats
-from vllm_compact.engine.stats_file import StatsFileWriter, worker_stats
+from vllm_compact.core.budgets import HeadBudgetPolicy
+from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.core.request_overrides import request_config
+from vllm_compact.core.state import worker_state
+from vllm_compact.core.stats import SchedulerCompactionStats
+from vllm_compact.core.stats_file import StatsFileWriter, worker_stats
 from vllm_compact.head_table import read_model_config, resolve_head_budgets
 
 logger = init_logger(__name__)

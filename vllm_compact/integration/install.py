@@ -36,6 +36,6 @@ def install(config: CompactionConfig) -> None:
         return
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_compact.engine.attention.CompactionCPUAttentionBackend")
+    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_compact.integration.attention_backend.CompactionCPUAttentionBackend")
     _allow_pool_smaller_than_max_model_len()
     _INSTALLED = True

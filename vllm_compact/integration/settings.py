@@ -10,11 +10,11 @@ from vllm_compact.config import ENV_VAR, CompactionConfig
 
 logger = logging.getLogger("vllm_compact")
 
-SCHEDULER_CLS = "vllm_compact.engine.scheduler.CompactionScheduler"
-WORKER_CLS = "vllm_compact.engine.worker.CompactionCPUWorker"
+SCHEDULER_CLS = "vllm_compact.integration.scheduler.CompactionScheduler"
+WORKER_CLS = "vllm_compact.integration.worker.CompactionCPUWorker"
 # vLLM's per-request admission hook (a logits processor's validate_params): bad kv_compaction_* keys are refused
 # in the front-end process, for the offline LLM API and every HTTP route alike.
-VALIDATOR_CLS = "vllm_compact.engine.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
+VALIDATOR_CLS = "vllm_compact.integration.request_validation:CompactionRequestValidator"  # vLLM wants <module>:<type>
 # A step's compactions run inside the worker's execute_model: on a small CPU a large one (am-omp at 5x over 4K
 # tokens) takes minutes, and vLLM's default 300 s RPC timeout then declares the whole engine dead.
 EXECUTE_MODEL_TIMEOUT_ENV = "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"
@@ -50,7 +50,7 @@ def activate(config: CompactionConfig) -> dict:
         raise RuntimeError("--kv-compaction needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.setdefault(EXECUTE_MODEL_TIMEOUT_ENV, str(EXECUTE_MODEL_TIMEOUT_S))  # a user's setting wins
-    from vllm_compact.engine.install import install
+    from vllm_compact.integration.install import install
 
     install(config)  # this process too (plugins may already have been loaded before the env was set)
     logger.info("vllm-compact: prefix caching is disabled while KV compaction is enabled (compact pages are private)")

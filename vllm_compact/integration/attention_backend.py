@@ -24,9 +24,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_compact.engine.dense_cache import LayerKV, decode_attention
-from vllm_compact.engine.layout import compact_page_view, stock_block_layout
-from vllm_compact.engine.state import CompactSegment, worker_state
+from vllm_compact.core.dense_cache import LayerKV, decode_attention
+from vllm_compact.integration.layout import compact_page_view, stock_block_layout
+from vllm_compact.core.state import CompactSegment, worker_state
 from vllm_compact.kernels import merge_attention
 from vllm_compact.kernels.compact_attention import attend_entries
 

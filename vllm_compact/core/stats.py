@@ -28,7 +28,7 @@ class WorkerCompactionStats:
     heads_fell_back: int = 0
     seconds: list[float] = field(default_factory=list)
     reservoir_bytes: int = 0
-    faults_injected: int = 0  # test-only fault switch (engine/faults.py)
+    faults_injected: int = 0  # test-only fault switch (core/faults.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.engine.dense_cache import DenseKVCache
-from vllm_compact.engine.stats import WorkerCompactionStats
+from vllm_compact.core.dense_cache import DenseKVCache
+from vllm_compact.core.stats import WorkerCompactionStats
 
 
 @dataclass

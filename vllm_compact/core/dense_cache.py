@@ -24,7 +24,7 @@ from torch import Tensor
 from vllm_compact.kernels.compact_attention import SegmentEntries, gather_segment
 
 if TYPE_CHECKING:  # state.py owns the dense cache; import its types only for annotations
-    from vllm_compact.engine.state import CompactSegment
+    from vllm_compact.core.state import CompactSegment
 
 
 @dataclass
