@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "models": ("vllm_compact.models.cli", "list, fetch and locate the models this project ships converters for"),
     "data": ("vllm_compact.data.cli", "long-context data: essays, SQuAD, HotpotQA, needle-in-a-haystack prompts"),
     "bench": ("vllm_compact.server.bench", "benchmarks: am (compaction quality/speed), needle, throughput"),
-    "calibrate": ("vllm_compact.calibration", "measure a per-(layer, KV head) budget table for a model on real text"),
+    "calibrate": ("vllm_compact.calibration.cli", "measure a per-(layer, KV head) budget table for a model on real text"),
 }
 
 

@@ -13,17 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_compact.calibration import (
-    coverage_curve,
+from vllm_compact.calibration.allocation import (
     exchange_allocation,
-    grid_budgets,
     greedy_allocation,
     interpolated_error,
-    keys_needed,
-    main,
     proportions_from_curves,
     proportions_from_errors,
 )
+from vllm_compact.calibration.capture import grid_budgets
+from vllm_compact.calibration.cli import main
+from vllm_compact.calibration.objectives import coverage_curve, keys_needed
 from vllm_compact.head_table import (
     TABLES_DIR,
     UNIFORM,
