@@ -13,7 +13,7 @@ BENCHMARKS = {
     "needle-serving": "vllm_compact.benchmarks.needle_serving",
     "needle-replica": "vllm_compact.benchmarks.needle_replica",
     "throughput": "vllm_compact.benchmarks.throughput",
-    "reliability": "vllm_compact.benchmarks.reliability",
+    "reliability": "vllm_compact.benchmarks.reliability.cli",
     "head-budgets": "vllm_compact.benchmarks.head_budgets",
 }
 

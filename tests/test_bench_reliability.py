@@ -5,28 +5,30 @@ from __future__ import annotations
 
 import random
 
-from vllm_compact.benchmarks.reliability import (
+from vllm_compact.benchmarks.reliability.cli import _parser
+from vllm_compact.benchmarks.reliability.outcomes import (
     DISCONNECTED,
     INCOMPLETE,
     OK,
     REJECTED,
     SERVER_ERROR,
     Outcome,
-    RequestSpec,
-    ServerRules,
-    _parser,
     breakdown,
-    invalid_xargs,
     judge_json,
     judge_stream,
-    make_specs,
-    markdown,
-    parse_rules,
-    preemptions,
-    request_body,
     summarise,
+)
+from vllm_compact.benchmarks.reliability.report import markdown
+from vllm_compact.benchmarks.reliability.request_specs import (
+    RequestSpec,
+    ServerRules,
+    invalid_xargs,
+    make_specs,
+    parse_rules,
+    request_body,
     valid_xargs,
 )
+from vllm_compact.benchmarks.reliability.server import preemptions
 from vllm_compact.config import CompactionConfig
 from vllm_compact.core.request_overrides import RequestOverrideError, request_config
 from vllm_compact.server.compaction_api import per_request_help

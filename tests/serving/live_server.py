@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from vllm_compact.benchmarks.reliability import stop_server
+from vllm_compact.benchmarks.reliability.server import stop_server
 
 # vLLM imports itself twice (API server, engine core); slow on a busy 2-core machine (raise it there with the env var)
 READY_TIMEOUT_S = float(os.environ.get("VLLM_COMPACT_TEST_READY_TIMEOUT_S", "300"))
