@@ -1,18 +1,20 @@
-"""Attention of query tokens over the compact segments stored in KV pages (used by the engine at every step).
+"""Attention of query tokens over the compact segments stored in KV pages, straight from the pages (paged).
 
-Entry i of KV head h of request r (0 <= i < head_len[r,h]) lives at flat slot f = head_start[r,h] + i of the
-request's pages: key = kv_pages[block_table[r, f // L], f % L, 0], value = kv_pages[..., 1], bias =
-beta[beta_start[r] + f], with L lanes per page. Query head j reads KV head j // (Hq // Hkv). No causal mask.
-Returns the normalised output and its natural-log logsumexp (for merging with the rest of the cache).
+GPU only and on no engine path yet: the CPU engine attends over dense per-request copies (request_attention.py);
+this kernel is what a GPU backend would call (docs/gpu.md). `attend_entries` is shared with the CPU path.
+
+The pages use the compact-page layout of core/compact_pages.py (entry i of KV head h of request r at flat slot
+f = head_start[r,h] + i, page block_table[r, f // L], lane f % L; bias beta[beta_start[r] + f]); the Triton kernel
+computes that address itself and is checked against the layout module's gather. Query head j reads KV head
+j // (Hq // Hkv). No causal mask. Returns the normalised output and its natural-log logsumexp (for merging with the rest of the cache).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
+from vllm_compact.core.compact_pages import SegmentEntries, gather_layer
 from vllm_compact.kernels._dispatch import dot_precision, interpreter_safe, jit, next_power_of_2, use_triton
 
 try:  # optional: kernel bodies only need `tl` when they are jitted
@@ -24,37 +26,12 @@ except Exception:
 _REF_CHUNK_ELEMENTS = 1 << 25
 
 
-@dataclass
-class SegmentEntries:
-    """The compact entries of one request (one layer), gathered and padded per KV head."""
-
-    keys: Tensor  # [Hkv, E, D] fp32
-    values: Tensor  # [Hkv, E, D] fp32
-    bias: Tensor  # [Hkv, E] fp32, -inf past head_len
-
-
-def gather_segment(kv_pages: Tensor, beta: Tensor, page_ids: Tensor, head_start: Tensor, head_len: Tensor) -> SegmentEntries:
-    """One request's entries: page_ids [P], head_start/head_len [Hkv], beta [its entries] (indexed by flat slot)."""
-    lanes = kv_pages.shape[1]
-    lengths = head_len.to(torch.int64)
-    longest = int(lengths.max()) if lengths.numel() else 0
-    offsets = torch.arange(longest, device=kv_pages.device)
-    valid = offsets[None, :] < lengths[:, None]  # [Hkv, E]
-    flat = head_start.to(torch.int64)[:, None] + offsets[None, :]
-    flat = torch.where(valid, flat, torch.zeros_like(flat))  # padding reads slot 0 (masked below)
-    pages = page_ids.to(torch.int64)[flat // lanes]
-    entries = kv_pages[pages, flat % lanes].float()  # [Hkv, E, 2, D]
-    bias = beta[flat].float()
-    bias = torch.where(valid & ~torch.isnan(bias), bias, float("-inf"))
-    return SegmentEntries(keys=entries[:, :, 0], values=entries[:, :, 1], bias=bias)
-
-
 def _gather_request(
     kv_pages: Tensor, beta: Tensor, block_table: Tensor, beta_start: Tensor, head_start: Tensor,
     head_len: Tensor, request: int,
 ) -> SegmentEntries:
-    return gather_segment(kv_pages, beta[int(beta_start[request]) :], block_table[request], head_start[request],
-                          head_len[request])
+    return gather_layer(kv_pages, beta[int(beta_start[request]) :], block_table[request], head_start[request],
+                        head_len[request])
 
 
 def attend_entries(queries: Tensor, entries: SegmentEntries, scale: float) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ patch_vllm_version()
 def fetch_segments(worker, req_ids):
     """Runs in the worker: the compact entries of each request, per layer, per KV head."""
     from vllm_compact.core.compactor import read_segment_head
-    from vllm_compact.integration.layout import compact_page_view
+    from vllm_compact.core.compact_pages import page_view
     from vllm_compact.core.state import worker_state
 
     state = worker_state()
@@ -34,7 +34,7 @@ def fetch_segments(worker, req_ids):
             continue
         layers = []
         for layer, cache in enumerate(state.layer_caches):
-            pages = compact_page_view(cache)
+            pages = page_view(cache)
             layers.append([tuple(t.clone() for t in read_segment_head(seg, pages, layer, h))
                            for h in range(seg.head_len.shape[1])])
         out[req_id] = {"start_block": seg.start_block, "end_block": seg.end_block, "layers": layers}
@@ -91,8 +91,8 @@ def main() -> None:
             iid = internal_id(rid)
             if iid is not None:
                 computed_before[rid] = scheduler.requests[iid].num_computed_tokens
-                st = getattr(scheduler, "compact_states", {}).get(iid)
-                compactions_before[rid] = st.compactions if st else 0
+                compactions_before[rid] = scheduler.compactions(scheduler.requests[iid]) if hasattr(
+                    scheduler, "compactions") else 0
         outputs = engine.step()
         step += 1
         peak_running = max(peak_running, len(scheduler.running))
@@ -109,8 +109,8 @@ def main() -> None:
         changed = {}
         for rid in requests:
             iid = internal_id(rid)
-            st = getattr(scheduler, "compact_states", {}).get(iid) if iid else None
-            if st is not None and st.compactions != compactions_before.get(rid, 0):
+            count = scheduler.compactions(scheduler.requests[iid]) if iid and hasattr(scheduler, "compactions") else 0
+            if count and count != compactions_before.get(rid, 0):
                 changed[iid] = rid
         if changed:
             segs = llm.collective_rpc(fetch_segments, args=(list(changed),))[0]

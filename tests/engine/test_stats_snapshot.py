@@ -11,7 +11,15 @@ from vllm_compact.config import CompactionConfig
 from vllm_compact.integration.scheduler import CompactionScheduler
 from vllm_compact.core.state import WorkerCompactionState
 from vllm_compact.core.stats import SchedulerCompactionStats
-from vllm_compact.core.stats_file import StatsSnapshot, WorkerStats, read_stats_file, write_stats_file
+from vllm_compact.core.budgets import HeadBudgetPolicy
+from vllm_compact.core.planner import CompactionPlanner
+from vllm_compact.core.stats_file import (
+    StatsSnapshot,
+    WorkerStats,
+    read_stats_file,
+    write_stats_file,
+    write_worker_stats_file,
+)
 from vllm_compact.integration.worker import file_stats
 
 
@@ -20,14 +28,14 @@ def _scheduler(pool: BlockPool) -> CompactionScheduler:
     sched = CompactionScheduler.__new__(CompactionScheduler)
     sched.kv_cache_manager = SimpleNamespace(block_pool=pool)
     sched.running = []
-    sched.compact_states = {}
+    sched.compaction_active = True
+    sched.planner = CompactionPlanner(HeadBudgetPolicy(num_layers=2, num_kv_heads=1, ratio=10), block_size=16)
     sched.compaction_config = CompactionConfig(enabled=True)
     sched.compaction_stats = SchedulerCompactionStats()
     return sched
 
 
-def test_snapshot_reports_the_pools_free_pages(tmp_path, monkeypatch):
-    monkeypatch.setattr("vllm_compact.integration.scheduler.worker_state", lambda: None)
+def test_snapshot_reports_the_pools_free_pages(tmp_path):
     pool = BlockPool(num_gpu_blocks=10, enable_caching=False, hash_block_size=16)
     sched = _scheduler(pool)
     idle = sched._stats_snapshot()
@@ -42,7 +50,7 @@ def test_snapshot_reports_the_pools_free_pages(tmp_path, monkeypatch):
     assert read_stats_file(tmp_path / "s.json")["pool"]["free_pages"] == 9
 
 
-def test_worker_counters_reach_the_file_with_faults_injected(monkeypatch):
+def test_worker_counters_reach_the_file_with_faults_injected(tmp_path):
     state = WorkerCompactionState(config=CompactionConfig(enabled=True))
     state.stats.compactions, state.stats.failures, state.stats.faults_injected = 7, 2, 3
     state.stats.seconds = [0.25, 0.5]
@@ -50,7 +58,9 @@ def test_worker_counters_reach_the_file_with_faults_injected(monkeypatch):
     assert set(got) == set(WorkerStats.__annotations__)
     assert (got["compactions"], got["failures"], got["faults_injected"]) == (7, 2, 3)
     assert got["seconds_total"] == 0.75 and got["dense_copy_bytes"] == 0
-    # In-process engines: the scheduler's snapshot carries the same section from the shared state.
-    monkeypatch.setattr("vllm_compact.integration.scheduler.worker_state", lambda: state)
+    # The scheduler's snapshot leaves the worker section at zero; the worker's own file replaces it on reading.
     sched = _scheduler(BlockPool(num_gpu_blocks=4, enable_caching=False, hash_block_size=16))
-    assert sched._stats_snapshot()["worker"] == got
+    write_stats_file(tmp_path / "s.json", {**sched._stats_snapshot(), "updated": 1.0, "requests": {}})
+    assert read_stats_file(tmp_path / "s.json")["worker"]["compactions"] == 0
+    write_worker_stats_file(tmp_path / "s.json", got)
+    assert read_stats_file(tmp_path / "s.json")["worker"] == got

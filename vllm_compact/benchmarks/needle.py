@@ -41,9 +41,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_job(job: dict) -> dict:
     """One engine configuration in this process: all needle prompts and continuations."""
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    from vllm_compact.benchmarks.engine_loop import make_engine, run_requests, stats_dict
+    from vllm_compact.integration.offline import make_engine, run_requests, sampling_params, stats_dict
     from vllm_compact.data.needle import continuation_split, make_needle_prompt, needle_depths
 
     tok = AutoTokenizer.from_pretrained(job["model"])
@@ -60,11 +58,11 @@ def _run_job(job: dict) -> dict:
             needle = make_needle_prompt(tok, ctx, depth, "number", seed=job["seed"] + i)
             ids = tok.encode(needle.prompt, add_special_tokens=False)
             prompts.append({"id": f"needle-{ctx}-{i}", "prompt_token_ids": ids})
-            params.append(SamplingParams(temperature=0.0, max_tokens=12))
+            params.append(sampling_params(temperature=0.0, max_tokens=12))
             meta.append(("needle", ctx, needle.answer))
         split = continuation_split(tok, ctx - job["continuation_tokens"], job["continuation_tokens"], seed=job["seed"])
         prompts.append({"id": f"ppl-{ctx}", "prompt_token_ids": split.context_ids + split.continuation_ids})
-        params.append(SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
+        params.append(sampling_params(temperature=0.0, max_tokens=1, prompt_logprobs=0))
         meta.append(("ppl", ctx, len(split.continuation_ids)))
     outputs, stats = run_requests(llm, prompts, params)
     rows = {}

@@ -65,25 +65,21 @@ def time_prefill_vllm(model_dir: Path, span_ids: torch.Tensor, repeats: int = 3,
 
 
 def _vllm_child(model_dir: str, tokens: list[int], repeats: int) -> dict:
-    from vllm_compact.vllm_compat import patch_vllm_version
-
-    patch_vllm_version()
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm_compact.integration.offline import sampling_params, stock_engine, token_prompt
 
     span = len(tokens)
-    llm = LLM(
-        model=model_dir,
+    llm = stock_engine(
+        model_dir,
         enforce_eager=True,
         enable_prefix_caching=False,
         max_model_len=span + 16,
         max_num_batched_tokens=span + 16,  # the whole span in one prefill step
         max_num_seqs=1,
     )
-    sampling = SamplingParams(max_tokens=1, temperature=0.0)
+    sampling = sampling_params(max_tokens=1, temperature=0.0)
     timings = []
     for attempt in range(repeats + 1):  # attempt 0 warms up
-        prompt = TokensPrompt(prompt_token_ids=tokens[attempt:] + tokens[:attempt])
+        prompt = token_prompt(tokens[attempt:] + tokens[:attempt])
         started = time.perf_counter()
         llm.generate([prompt], sampling, use_tqdm=False)
         timings.append(time.perf_counter() - started)

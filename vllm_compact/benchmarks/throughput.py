@@ -46,9 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_job(job: dict) -> dict:
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
-
-    from vllm_compact.benchmarks.engine_loop import make_engine, run_requests, stats_dict
+    from vllm_compact.integration.offline import make_engine, run_requests, sampling_params, stats_dict
     from vllm_compact.data.needle import continuation_split
 
     tok = AutoTokenizer.from_pretrained(job["model"])
@@ -65,7 +63,7 @@ def _run_job(job: dict) -> dict:
     for i in range(job["requests"]):
         split = continuation_split(tok, job["prompt_tokens"], 1, seed=i)
         prompts.append({"id": f"r{i}", "prompt_token_ids": split.context_ids})
-    params = [SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True) for _ in prompts]
+    params = [sampling_params(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True) for _ in prompts]
     outputs, stats = run_requests(llm, prompts, params)
     done = sum(len(o.outputs[0].token_ids) == job["max_tokens"] for o in outputs.values())
     return {"completed": done, "pool_blocks": blocks, "stats": stats_dict(stats)}
@@ -73,9 +71,7 @@ def _run_job(job: dict) -> dict:
 
 def _run_decode_job(job: dict) -> dict:
     """Decode tokens per second of one engine (stock, or compaction enabled with an unreachable trigger)."""
-    from vllm import SamplingParams
-
-    from vllm_compact.benchmarks.engine_loop import make_engine
+    from vllm_compact.integration.offline import make_engine, sampling_params
 
     compaction = {"trigger_tokens": 10**9} if job["compaction"] else None
     # Prefix caching off in both engines (compaction turns it off): with it, the stock engine's timed generate
@@ -84,9 +80,9 @@ def _run_decode_job(job: dict) -> dict:
                       enable_prefix_caching=False)
     prompts = [{"prompt_token_ids": [100 + (7 * i + j) % 1000 for j in range(job["prompt_tokens"])]}
                for i in range(job["requests"])]
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    prefill = SamplingParams(temperature=0.0, max_tokens=1)
+    params = sampling_params(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True)
+    llm.generate(prompts[:1], sampling_params(max_tokens=4), use_tqdm=False)  # warm-up
+    prefill = sampling_params(temperature=0.0, max_tokens=1)
     t0 = time.perf_counter()
     llm.generate(prompts, prefill, use_tqdm=False)
     prefill_s = time.perf_counter() - t0

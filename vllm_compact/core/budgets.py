@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from vllm_compact.core.compact_pages import pages_for
 from vllm_compact.head_table import UNIFORM, check_table_shape, read_head_table
 
 Budgets = tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads]
@@ -69,5 +68,4 @@ class HeadBudgetPolicy:
 
     def pages_needed(self, budgets: Budgets, block_size: int) -> int:
         """Heads of a layer are packed back to back; the fullest layer decides the page count."""
-        lanes = block_size * self.num_kv_heads
-        return max(math.ceil(sum(layer) / lanes) for layer in budgets)
+        return pages_for([sum(layer) for layer in budgets], lanes=block_size * self.num_kv_heads)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from vllm_compact.am import HeadBatch, compact_heads, method_class
-from vllm_compact.integration.layout import StockBlockLayout, compact_page_view
+from vllm_compact.core.compact_pages import page_view, read_head, write_layer
 from vllm_compact.core.faults import FaultInjector
 from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
 from vllm_compact.core.state import CompactSegment, WorkerCompactionState
+from vllm_compact.core.stock_pages import StockBlockLayout
 
 logger = logging.getLogger("vllm_compact.compactor")
 
@@ -43,15 +44,11 @@ class _HeadInput:
 def read_segment_head(
     segment: CompactSegment, pages: torch.Tensor, layer: int, head: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys, values and beta of one head of a compact segment from its layer's page view [nb, lanes, 2, D]."""
-    lanes = pages.shape[1]
+    """Keys, values and beta of one head of a compact segment from its layer's compact pages."""
     start = int(segment.head_start[layer, head])
     length = int(segment.head_len[layer, head])
-    flat = torch.arange(start, start + length)
-    page_rows = segment.page_ids.long()[flat // lanes]
-    entries = pages[page_rows, flat % lanes]  # [len, 2, D]
-    beta = segment.beta[layer][start : start + length]
-    return entries[:, 0], entries[:, 1], beta
+    keys, values = read_head(pages, segment.page_ids, start, length)
+    return keys, values, segment.beta[layer][start : start + length]
 
 
 class SegmentCompactor:
@@ -79,7 +76,7 @@ class SegmentCompactor:
                 q = q.reshape(geo.num_kv_heads, -1, geo.head_dim)
             else:
                 q = new_keys.new_zeros(geo.num_kv_heads, 0, geo.head_dim)
-            pages = compact_page_view(cache)
+            pages = page_view(cache)
             for head in range(geo.num_kv_heads):
                 keys, values = new_keys[head], new_values[head]
                 bias = torch.zeros(keys.shape[0], dtype=torch.float32)
@@ -151,21 +148,14 @@ class SegmentCompactor:
         head_len = torch.zeros_like(head_start)
         betas = []
         for layer in range(geo.num_layers):
-            pages = compact_page_view(self.state.layer_caches[layer])
-            lanes = pages.shape[1]
             rows = range(first_head + layer * geo.num_kv_heads, first_head + (layer + 1) * geo.num_kv_heads)
             lengths = [int(result.length[r]) for r in rows]
-            keys = torch.cat([result.keys[r, :n] for r, n in zip(rows, lengths)])
-            values = torch.cat([result.values[r, :n] for r, n in zip(rows, lengths)])
-            beta = torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)])
-            flat = torch.arange(keys.shape[0])
-            page_rows = dest.long()[flat // lanes]
-            pages[page_rows, flat % lanes, 0] = keys.to(pages.dtype)
-            pages[page_rows, flat % lanes, 1] = values.to(pages.dtype)
-            lens = torch.tensor(lengths, dtype=torch.int32)
-            head_len[layer] = lens
-            head_start[layer] = torch.cumsum(lens, 0, dtype=torch.int32) - lens
-            betas.append(beta.contiguous())
+            head_start[layer], head_len[layer] = write_layer(
+                page_view(self.state.layer_caches[layer]), dest,
+                [result.keys[r, :n] for r, n in zip(rows, lengths)],
+                [result.values[r, :n] for r, n in zip(rows, lengths)],
+            )
+            betas.append(torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous())
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
 
     def execute(self, step: CompactionStep) -> None:

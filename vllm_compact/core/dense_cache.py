@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from vllm_compact.kernels.compact_attention import SegmentEntries, gather_segment
+from vllm_compact.core.compact_pages import SegmentEntries, gather_layer
 
 if TYPE_CHECKING:  # state.py owns the dense cache; import its types only for annotations
     from vllm_compact.core.state import CompactSegment
@@ -47,6 +46,11 @@ class LayerKV:
 
     def tail(self) -> tuple[Tensor, Tensor]:
         return self.keys[:, self.num_entries : self.length], self.values[:, self.num_entries : self.length]
+
+    def buffers(self) -> tuple[Tensor, Tensor, Tensor]:
+        """keys, values [Hkv, length, D] and bias [Hkv, length]: what kernels/request_attention.py reads."""
+        n = self.length
+        return self.keys[:, :n], self.values[:, :n], self.bias[:, :n]
 
     def set_tail(self, keys: Tensor, values: Tensor) -> None:
         self.tail_len = 0
@@ -95,7 +99,7 @@ class RequestDenseKV:
         kv = self.layers.get(layer)
         if kv is None:
             seg = self.segment
-            entries = gather_segment(pages, seg.beta[layer], seg.page_ids, seg.head_start[layer], seg.head_len[layer])
+            entries = gather_layer(pages, seg.beta[layer], seg.page_ids, seg.head_start[layer], seg.head_len[layer])
             kv = LayerKV(entries.keys, entries.values, entries.bias, num_entries=entries.bias.shape[1])
             self.layers[layer] = kv
         if kv.tail_len >= 0 and new_keys is not None and kv.tail_len + new_keys.shape[0] == tail_len:
@@ -132,18 +136,3 @@ class DenseKVCache:
     @property
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self._requests.values())
-
-
-def decode_attention(query: Tensor, kv: LayerKV, scale: float) -> Tensor:
-    """One query token [Hq, D] over the whole buffer (its own token is the tail's last): fp32 [Hq, D].
-
-    One fused call (beta as the additive mask, the GQA group as the query rows) instead of five ops; it runs once per
-    layer for every compacted request, and its cost there is mostly reading the request's buffer from memory."""
-    num_heads, dim = query.shape
-    num_kv_heads = kv.keys.shape[0]
-    n = kv.length
-    q = query.float().view(1, num_kv_heads, num_heads // num_kv_heads, dim)
-    out = F.scaled_dot_product_attention(
-        q, kv.keys[None, :, :n], kv.values[None, :, :n], attn_mask=kv.bias[None, :, None, :n], scale=scale
-    )
-    return out.view(num_heads, dim)

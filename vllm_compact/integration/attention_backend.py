@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from vllm import _custom_ops as ops
@@ -24,11 +23,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_compact.core.dense_cache import LayerKV, decode_attention
-from vllm_compact.integration.layout import compact_page_view, stock_block_layout
+from vllm_compact.core.compact_pages import page_view
+from vllm_compact.integration.block_probe import stock_block_layout
 from vllm_compact.core.state import CompactSegment, worker_state
-from vllm_compact.kernels import merge_attention
-from vllm_compact.kernels.compact_attention import attend_entries
+from vllm_compact.kernels.request_attention import compacted_attention
 
 
 @dataclass
@@ -132,78 +130,6 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         return token_index, plain
 
 
-def _fused_attention_with_lse():
-    """torch's CPU flash attention returns the log-sum-exp too; absent in some builds, then plain matmuls."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-@lru_cache(maxsize=2)
-def _causal_tail_mask(nq: int, tail_len: int, group: int) -> torch.Tensor:
-    """[G*nq, t] additive mask, bottom-right aligned; cached because every layer of a step asks for the same one."""
-    hidden = torch.arange(tail_len).view(1, tail_len) > torch.arange(tail_len - nq, tail_len).view(nq, 1)
-    return torch.zeros(nq, tail_len).masked_fill_(hidden, float("-inf")).repeat(group, 1)
-
-
-def tail_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of a request's last `nq` tokens over its physical tail, with log-sum-exp.
-
-    query [nq, Hq, D]; keys/values [Hkv, t, D] where the last nq keys are the queries' own tokens. Computed in the
-    query's dtype (the model's, as vLLM's own attention); output fp32 [nq, Hq, D], log-sum-exp fp32 [nq, Hq].
-    """
-    fused = _fused_attention_with_lse()
-    if fused is None:
-        return _masked_tail_attention(query, keys, values, scale)
-    nq, num_heads, _ = query.shape
-    num_kv_heads, tail_len, _ = keys.shape
-    group = num_heads // num_kv_heads
-    dtype = query.dtype
-    # The chunk's own keys: a square causal block, where the kernel's causal mode skips the hidden half (a dense
-    # bottom-right mask would make it compute all of it).
-    own_keys = keys[:, tail_len - nq :].to(dtype).repeat_interleave(group, dim=0)
-    own_values = values[:, tail_len - nq :].to(dtype).repeat_interleave(group, dim=0)
-    out, lse = fused(query.transpose(0, 1)[None], own_keys[None], own_values[None], 0.0, True, scale=scale)[:2]
-    out, lse = out[0].transpose(0, 1).float(), lse[0].transpose(0, 1)
-    if tail_len == nq:
-        return out, lse
-    # Earlier tail keys are visible to every query: no mask, GQA group folded into the rows (each KV head read once).
-    before = slice(0, tail_len - nq)
-    past_out, past_lse = fused(_fold_group(query, num_kv_heads)[None], keys[None, :, before].to(dtype),
-                               values[None, :, before].to(dtype), 0.0, False, scale=scale)[:2]
-    return merge_attention(out, lse, *_unfold_group(past_out[0], past_lse[0], nq))
-
-
-def _masked_tail_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """tail_attention in plain fp32 matmuls with a bottom-right causal mask (torch builds without the fused op)."""
-    nq, num_heads, _ = query.shape
-    num_kv_heads, tail_len, _ = keys.shape
-    q = _fold_group(query.float(), num_kv_heads)
-    logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale
-    logits += _causal_tail_mask(nq, tail_len, num_heads // num_kv_heads)
-    lse = torch.logsumexp(logits, dim=-1)  # [Hkv, G*nq]
-    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
-    return _unfold_group(out, lse, nq)
-
-
-def _fold_group(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """[nq, Hq, D] -> [Hkv, G*nq, D]: each KV head's GQA group stacked as query rows (group-major)."""
-    nq, num_heads, dim = query.shape
-    group = num_heads // num_kv_heads
-    return query.view(nq, num_kv_heads, group, dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * nq, dim)
-
-
-def _unfold_group(out: torch.Tensor, lse: torch.Tensor, nq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of _fold_group for an attention's output [Hkv, G*nq, D] and log-sum-exp [Hkv, G*nq]."""
-    num_kv_heads, rows, dim = out.shape
-    group = rows // nq
-    out = out.view(num_kv_heads, group, nq, dim).permute(2, 0, 1, 3).reshape(nq, num_kv_heads * group, dim)
-    lse = lse.view(num_kv_heads, group, nq).permute(2, 0, 1).reshape(nq, num_kv_heads * group)
-    return out, lse
-
-
 class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
     _layer_index: int | None = None
 
@@ -226,7 +152,7 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query[index], None, None, kv_cache, info.plain_metadata, plain_out)
             out[index] = plain_out
         layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
-        pages = compact_page_view(kv_cache)
+        pages = page_view(kv_cache)
         dense_cache = worker_state().dense
         for view in info.compacted:
             rows = slice(view.query_start, view.query_start + view.query_len)
@@ -235,7 +161,7 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
                 None if key is None else key[rows], None if value is None else value[rows],
                 lambda view=view: layout.read(kv_cache, view.tail_block_ids),
             )
-            out[rows] = compacted_attention(query[rows], kv, self.scale).to(output.dtype)
+            out[rows] = compacted_attention(query[rows], *kv.buffers(), kv.num_entries, self.scale).to(output.dtype)
         return output
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
@@ -244,22 +170,6 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
         for row, req_id in enumerate(info.req_ids):
             reservoir = state.reservoir(req_id, self.num_heads, self.head_size, query.dtype)
             reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
-
-
-def compacted_attention(query: torch.Tensor, kv: LayerKV, scale: float) -> torch.Tensor:
-    """A compacted request's attention over its compact entries (with beta) and its causal tail: fp32 [n, Hq, D].
-
-    One token (decode) is a single softmax over the whole buffer; a prefill chunk takes the fused causal tail
-    attention and the entries separately, merged by log-sum-exp, so its [n, t] logits are never built in Python.
-    """
-    n, num_heads, dim = query.shape
-    if n == 1:
-        return decode_attention(query[0], kv, scale).view(1, num_heads, dim)
-    tail = tail_attention(query, *kv.tail(), scale)
-    num_kv_heads = kv.keys.shape[0]
-    q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, dim)
-    segment_out, segment_lse = attend_entries(q, kv.entries(), scale)
-    return merge_attention(*tail, segment_out.view(n, num_heads, dim), segment_lse.view(n, num_heads))[0]
 
 
 class CompactionCPUAttentionBackend(CPUAttentionBackend):

@@ -7,20 +7,18 @@ step are compacted, and the worker executes the plans before the step writes any
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from vllm_compact.am.methods import method_class
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.budgets import HeadBudgetPolicy
 from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.core.planner import CompactionPlanner, PagePlan, RequestLengths
 from vllm_compact.core.request_overrides import request_config
-from vllm_compact.core.state import worker_state
 from vllm_compact.core.stats import SchedulerCompactionStats
 from vllm_compact.core.stats_file import StatsFileWriter, worker_stats
 from vllm_compact.head_table import read_model_config, resolve_head_budgets
@@ -44,27 +42,6 @@ def compaction_step(output: SchedulerOutput) -> CompactionStep | None:
     return output.kv_compaction if isinstance(output, CompactionSchedulerOutput) else None
 
 
-@dataclass
-class RequestCompactState:
-    """What the scheduler knows of one request's compact segment."""
-
-    start_block: int
-    end_block: int
-    page_ids: list[int]
-    head_budgets: tuple[tuple[int, ...], ...]
-    compactions: int = 1
-
-
-@dataclass
-class _Candidate:
-    request: Request
-    start_block: int
-    prev_end_block: int
-    end_block: int
-    config: CompactionConfig
-    state: RequestCompactState | None = field(default=None)
-
-
 class CompactionScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -78,7 +55,6 @@ class CompactionScheduler(Scheduler):
             # Freed source pages could be rewritten while an in-flight step still reads them.
             logger.warning("vllm-compact: async scheduling is not supported with compaction; compaction disabled")
             self.compaction_active = False
-        self.compact_states: dict[str, RequestCompactState] = {}
         self.compaction_stats = SchedulerCompactionStats()
         self._request_configs: dict[str, CompactionConfig] = {}
         self.stats_writer = StatsFileWriter.from_env() if self.compaction_active else None
@@ -86,12 +62,12 @@ class CompactionScheduler(Scheduler):
             model_config = self.vllm_config.model_config
             parallel = self.vllm_config.parallel_config
             self._resolve_head_budgets(model_config)
-            self.budget_policy = HeadBudgetPolicy(
+            self.planner = CompactionPlanner(HeadBudgetPolicy(
                 num_layers=model_config.get_num_layers(parallel),
                 num_kv_heads=model_config.get_num_kv_heads(parallel),
                 ratio=self.compaction_config.ratio,
                 table_path=self.compaction_config.head_budget_file,
-            )
+            ), self.block_size)
             logger.info("vllm-compact: compaction active: %s", self.compaction_config.model_dump_json())
 
     def _resolve_head_budgets(self, model_config) -> None:
@@ -114,7 +90,7 @@ class CompactionScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
         if plans:
             # A request preempted while scheduling this step has dropped its compaction state and pages already.
-            plans = [p for p in plans if p.req_id in self.compact_states]
+            plans = [p for p in plans if p.req_id in self.planner.spans]
         if plans:
             output = CompactionSchedulerOutput.of(output, CompactionStep(plans=plans))
         if self.stats_writer is not None:
@@ -133,7 +109,7 @@ class CompactionScheduler(Scheduler):
     def _request_config(self, request: Request) -> CompactionConfig:
         """The server's settings narrowed by the request's `kv_compaction_*` extra args.
 
-        A bad value never gets here through vLLM's front ends: the admission hook (engine.request_validation)
+        A bad value never gets here through vLLM's front ends: the admission hook (integration/request_validation.py)
         refused it before the request was sent to the engine core. A request added to the core some other way
         with a value that does not parse is served without compaction (never with settings it did not ask for),
         and nothing raised here can reach the engine loop.
@@ -149,87 +125,42 @@ class CompactionScheduler(Scheduler):
             self._request_configs[request.request_id] = cfg
         return cfg
 
-    def _candidate(self, request: Request, under_pressure: bool) -> _Candidate | None:
-        cfg = self._request_config(request)
-        if not cfg.enabled or not method_class(cfg.method).compacts:
-            return None
-        bs = self.block_size
-        computed = request.num_computed_tokens  # before this step: those pages are full and stable
-        head_blocks = math.ceil(cfg.protected_initial_tokens / bs)
-        end_block = (computed - cfg.recent_window_tokens) // bs
-        state = self.compact_states.get(request.request_id)
-        prev_end = state.end_block if state else head_blocks
-        new_blocks = end_block - prev_end
-        if new_blocks <= 0:
-            return None
-        if state is not None and not cfg.recompact:
-            return None
-        if not under_pressure and new_blocks * bs < cfg.trigger_tokens:
-            return None
-        if not under_pressure and not cfg.compact_during_prefill and computed < request.num_prompt_tokens:
-            return None  # with room to spare, wait for the whole prompt: its end is what the answer will ask
-        return _Candidate(request, head_blocks, prev_end, end_block, cfg, state)
-
-    def _memory_pressure(self) -> bool:
-        # Pages this step may need: one per running request (decode) plus one prefill budget's worth.
-        need = len(self.running) + math.ceil(self.scheduler_config.max_num_batched_tokens / self.block_size)
-        return self._block_pool.get_num_free_blocks() < need
-
     def _plan_compactions(self) -> list[RequestCompactionPlan]:
-        under_pressure = self.compaction_config.memory_pressure and self._memory_pressure()
-        running = [r for r in self.running if r.status == RequestStatus.RUNNING]
-        candidates = [c for r in running if (c := self._candidate(r, under_pressure)) is not None]
-        # Largest gain first when memory is short.
-        candidates.sort(key=lambda c: c.end_block - c.prev_end_block, reverse=True)
-        plans = []
-        for cand in candidates:
-            plan = self._plan_one(cand)
-            if plan is not None:
-                plans.append(plan)
+        pool = self._block_pool
+        under_pressure = self.compaction_config.memory_pressure and self.planner.under_pressure(
+            pool.get_num_free_blocks(), len(self.running), self.scheduler_config.max_num_batched_tokens,
+            self.block_size)
+        requests = [(RequestLengths(r.request_id, r.num_computed_tokens, r.num_prompt_tokens), self._request_config(r))
+                    for r in self.running if r.status == RequestStatus.RUNNING]
+        plans = [self._move_pages(p) for p in self.planner.plan(requests, pool.get_num_free_blocks(), under_pressure)]
         if under_pressure:
             self.compaction_stats.pressure_steps += 1
         return plans
 
-    def _plan_one(self, cand: _Candidate) -> RequestCompactionPlan | None:
-        bs = self.block_size
-        req_id = cand.request.request_id
-        blocks = self._req_blocks(req_id)
-        old_lens = cand.state.head_budgets if cand.state else None
-        span_tokens = (cand.end_block - cand.start_block) * bs
-        new_tokens = (cand.end_block - cand.prev_end_block) * bs
-        budgets = self.budget_policy.budgets(span_tokens, new_tokens, old_lens, ratio=cand.config.ratio)
-        pages_needed = self.budget_policy.pages_needed(budgets, bs)
-        old_pages = cand.state.page_ids if cand.state else []
-        freed = new_tokens // bs + len(old_pages) - pages_needed
-        if freed <= 0 or pages_needed > self._block_pool.get_num_free_blocks():
-            return None
+    def _move_pages(self, plan: PagePlan) -> RequestCompactionPlan:
+        """Carry out a page plan on vLLM's block pool: fresh pages for the segment, the compacted blocks and the
+        old segment's pages back to the pool (the worker reads them before this step writes any KV)."""
+        pool = self._block_pool
+        old = self.planner.spans.get(plan.req_id)
         # Destination pages first, so they can never alias a source page the worker still has to read.
-        dest = self._block_pool.get_new_blocks(pages_needed)
-        source = blocks[cand.prev_end_block : cand.end_block]
-        null_block = self._block_pool.null_block
-        for i in range(cand.prev_end_block, cand.end_block):
-            blocks[i] = null_block
-        old_page_blocks = [self._block_pool.blocks[i] for i in old_pages]
-        self._block_pool.free_blocks(source + old_page_blocks)
-        plan = RequestCompactionPlan(
-            req_id=req_id,
-            start_block=cand.start_block,
-            prev_end_block=cand.prev_end_block,
-            end_block=cand.end_block,
+        dest = pool.get_new_blocks(plan.pages_needed)
+        blocks = self._req_blocks(plan.req_id)
+        source = blocks[plan.prev_end_block : plan.end_block]
+        for i in range(plan.prev_end_block, plan.end_block):
+            blocks[i] = pool.null_block
+        pool.free_blocks(source + [pool.blocks[i] for i in (old.page_ids if old else [])])
+        self.planner.record(plan, [b.block_id for b in dest])
+        self.compaction_stats.record_plan(plan.new_tokens, plan.pages_freed)
+        return RequestCompactionPlan(
+            req_id=plan.req_id,
+            start_block=plan.start_block,
+            prev_end_block=plan.prev_end_block,
+            end_block=plan.end_block,
             source_block_ids=tuple(b.block_id for b in source),
             dest_block_ids=tuple(b.block_id for b in dest),
-            head_budgets=budgets,
-            method=cand.config.method,
+            head_budgets=plan.head_budgets,
+            method=plan.method,
         )
-        self.compact_states[req_id] = RequestCompactState(
-            start_block=cand.start_block,
-            end_block=cand.end_block,
-            page_ids=[b.block_id for b in dest],
-            head_budgets=budgets,
-            compactions=(cand.state.compactions + 1) if cand.state else 1,
-        )
-        self.compaction_stats.record_plan(new_tokens, freed)
-        return plan
 
     # ---- release ----------------------------------------------------------------------------------------------
 
@@ -241,24 +172,24 @@ class CompactionScheduler(Scheduler):
                 self.stats_writer.forget_request(request.request_id)
         if request.is_finished():
             self._request_configs.pop(request.request_id, None)
-        state = self.compact_states.pop(request.request_id, None)
-        if state is not None:
-            self._block_pool.free_blocks([self._block_pool.blocks[i] for i in state.page_ids])
+        span = self.planner.forget(request.request_id) if self.compaction_active else None
+        if span is not None:
+            self._block_pool.free_blocks([self._block_pool.blocks[i] for i in span.page_ids])
         super()._free_request_blocks(request)
 
     # ---- accounting -------------------------------------------------------------------------------------------
 
     def physical_tokens(self, request: Request) -> int:
         """Tokens' worth of KV pages the request holds now (compact pages counted whole)."""
-        state = self.compact_states.get(request.request_id)
-        if state is None:
+        if not self.compaction_active:
             return request.num_computed_tokens
-        compacted = (state.end_block - state.start_block) * self.block_size
-        return request.num_computed_tokens - compacted + len(state.page_ids) * self.block_size
+        return self.planner.physical_tokens(request.request_id, request.num_computed_tokens)
+
+    def compactions(self, request: Request) -> int:
+        return self.planner.compactions(request.request_id) if self.compaction_active else 0
 
     def _lengths(self, request: Request) -> tuple[int, int, int]:
-        state = self.compact_states.get(request.request_id)
-        return request.num_computed_tokens, self.physical_tokens(request), state.compactions if state else 0
+        return request.num_computed_tokens, self.physical_tokens(request), self.compactions(request)
 
     def _export_stats(self, force: bool) -> None:
         for request in self.running:
@@ -266,19 +197,14 @@ class CompactionScheduler(Scheduler):
         self.stats_writer.maybe_write(self._stats_snapshot, force=force)
 
     def _stats_snapshot(self) -> dict:
-        # In-process engines share the worker's state; a separate worker process writes its own stats file.
-        wstate = worker_state()
-        if wstate is not None:
-            worker = worker_stats(**asdict(wstate.stats), dense_copy_bytes=wstate.dense.nbytes)
-        else:
-            worker = worker_stats(compactions=0, failures=0, heads_fell_back=0, seconds=(), reservoir_bytes=0)
         logical = sum(r.num_computed_tokens for r in self.running)
         physical = sum(self.physical_tokens(r) for r in self.running)
         pool = self._block_pool
         return {
             "config": self.compaction_config.model_dump(),
             "scheduler": self.compaction_stats.as_dict(),
-            "worker": worker,
+            # The worker writes its counters to a file of its own (it may be another process); readers merge it.
+            "worker": worker_stats(compactions=0, failures=0, heads_fell_back=0, seconds=(), reservoir_bytes=0),
             "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": len(self.running)},
             "pool": {"free_pages": pool.get_num_free_blocks(), "total_pages": pool.num_gpu_blocks},
         }

@@ -10,7 +10,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
-from vllm_compact.integration.layout import stock_block_layout
+from vllm_compact.integration.block_probe import stock_block_layout
 from vllm_compact.integration.scheduler import compaction_step
 from vllm_compact.core.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats

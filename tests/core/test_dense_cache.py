@@ -1,50 +1,12 @@
-"""The CPU path's dense copies of a compacted request: attention over [entries with beta ; causal tail] against a
-float64 softmax, and the growing tail against the pages it mirrors (appends, rebuilds, new segments)."""
+"""The CPU path's dense copies of a compacted request: the growing tail against the pages it mirrors (appends,
+rebuilds, new segments)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from vllm_compact.integration.attention_backend import compacted_attention
-from vllm_compact.core.dense_cache import DenseKVCache, LayerKV
+from vllm_compact.core.dense_cache import DenseKVCache
 from vllm_compact.core.state import CompactSegment
-from vllm_compact.kernels.compact_attention import SegmentEntries
-
-
-def _entries(g, num_kv_heads, lengths, dim):
-    longest = max(lengths)
-    keys = torch.randn(num_kv_heads, longest, dim, generator=g) * 2
-    values = torch.randn(num_kv_heads, longest, dim, generator=g)
-    bias = torch.randn(num_kv_heads, longest, generator=g) * 2
-    for h, n in enumerate(lengths):
-        bias[h, n:] = float("-inf")
-    return SegmentEntries(keys=keys, values=values, bias=bias)
-
-
-@pytest.mark.parametrize("nq,tail", [(1, 1), (1, 50), (9, 30), (30, 30)])
-def test_compacted_attention_matches_float64(nq, tail):
-    g = torch.Generator().manual_seed(nq * 7 + tail)
-    num_heads, num_kv_heads, dim, scale = 6, 2, 16, 0.3
-    lengths = [5, 11]  # heads of different lengths: padding must carry no weight
-    entries = _entries(g, num_kv_heads, lengths, dim)
-    query = torch.randn(nq, num_heads, dim, generator=g)
-    tail_keys = torch.randn(num_kv_heads, tail, dim, generator=g) * 2
-    tail_values = torch.randn(num_kv_heads, tail, dim, generator=g)
-    kv = LayerKV(entries.keys, entries.values, entries.bias, num_entries=max(lengths))
-    kv.set_tail(tail_keys, tail_values)
-    out = compacted_attention(query, kv, scale)
-    group = num_heads // num_kv_heads
-    for i in range(nq):
-        visible = tail - nq + i + 1
-        for h in range(num_heads):
-            kv = h // group
-            n = lengths[kv]
-            keys = torch.cat([entries.keys[kv, :n], tail_keys[kv, :visible]]).double()
-            values = torch.cat([entries.values[kv, :n], tail_values[kv, :visible]]).double()
-            bias = torch.cat([entries.bias[kv, :n], torch.zeros(visible)]).double()
-            probs = torch.softmax(query[i, h].double() @ keys.T * scale + bias, 0)
-            torch.testing.assert_close(out[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
 
 
 class _Pages:

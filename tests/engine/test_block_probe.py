@@ -12,7 +12,7 @@ patch_vllm_version()
 from vllm import _custom_ops as ops  # noqa: E402
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa  # noqa: E402
 
-from vllm_compact.integration.layout import compact_page_view, stock_block_layout  # noqa: E402
+from vllm_compact.integration.block_probe import stock_block_layout  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,10 +33,3 @@ def test_read_returns_written_tokens(dtype, num_kv_heads, block_size, head_dim):
     assert torch.equal(read_k[:, :tokens], keys.transpose(0, 1))
     assert torch.equal(read_v[:, :tokens], values.transpose(0, 1))
 
-
-def test_compact_page_view_is_plain_and_aliases_the_cache():
-    cache = torch.zeros(4, 3, 32, 128)
-    pages = compact_page_view(cache)
-    assert pages.shape == (4, 96, 2, 64)
-    pages[2, 5, 1] = 7.0
-    assert float(cache.view(4, -1)[2, 5 * 128 + 64]) == 7.0

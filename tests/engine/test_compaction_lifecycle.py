@@ -1,0 +1,174 @@
+"""Every page comes back whatever ends a request at any point of a compaction's life.
+
+vLLM's own scheduler with ours on top, driven step by step with hand-made model outputs (no model runs): the
+stages are a compaction planned (its step not yet answered), executed (the step answered) and recompacted (a second
+plan executed); the endings are an abort, a finish (a stop token sampled) and a preemption. Pages are counted in
+vLLM's block pool.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from vllm_compact.vllm_compat import patch_vllm_version
+
+patch_vllm_version()
+
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from vllm_compact.config import ENV_VAR, CompactionConfig  # noqa: E402
+from vllm_compact.integration.scheduler import CompactionScheduler, compaction_step  # noqa: E402
+
+BLOCK, TOKEN, STOP = 16, 7, 9
+
+
+class Harness:
+    """A CompactionScheduler over a pool of `num_blocks` pages and the loop an engine core runs around it."""
+
+    def __init__(self, model_path: str, num_blocks: int, max_batched: int = 256, prefill_chunk: int = 0) -> None:
+        model = ModelConfig(model=model_path, max_model_len=2048, dtype="float32")
+        cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
+        cache.num_gpu_blocks = num_blocks
+        config = VllmConfig(model_config=model, cache_config=cache, scheduler_config=SchedulerConfig(
+            max_num_seqs=8, max_num_batched_tokens=max_batched, max_model_len=2048, is_encoder_decoder=False,
+            long_prefill_token_threshold=prefill_chunk))
+        layers = model.get_num_layers(config.parallel_config)
+        spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=model.get_num_kv_heads(config.parallel_config),
+                                 head_size=model.get_head_size(), dtype=torch.float32)
+        kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
+            KVCacheGroupSpec([f"model.layers.{i}.self_attn.attn" for i in range(layers)], spec)])
+        self.sched = CompactionScheduler(vllm_config=config, kv_cache_config=kv, block_size=BLOCK,
+                                         structured_output_manager=StructuredOutputManager(config))
+        assert self.sched.compaction_active
+        self.pool = self.sched.kv_cache_manager.block_pool
+        self.free_at_start = self.pool.get_num_free_blocks()
+        self.output = None
+
+    def add(self, req_id: str, prompt_tokens: int, max_tokens: int, extra_args: dict | None = None) -> Request:
+        request = Request(req_id, [3 + i % 200 for i in range(prompt_tokens)],
+                          SamplingParams(max_tokens=max_tokens, stop_token_ids=[STOP], extra_args=extra_args), None)
+        self.sched.add_request(request)
+        return request
+
+    def schedule(self):
+        self.output = self.sched.schedule()
+        return compaction_step(self.output)
+
+    def answer(self, stop: tuple[str, ...] = ()) -> None:
+        """The model's output for the last scheduled step: a token for each request past its prompt."""
+        ids = list(self.output.num_scheduled_tokens)
+        sampled = []
+        for req_id in ids:
+            request = self.sched.requests.get(req_id)
+            done_prefill = request is not None and request.num_computed_tokens >= request.num_prompt_tokens
+            sampled.append([STOP if req_id in stop else TOKEN] if done_prefill else [])
+        self.sched.update_from_output(self.output, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled))
+
+    def step(self, stop: tuple[str, ...] = ()):
+        plan = self.schedule()
+        self.answer(stop)
+        return plan
+
+    def until_plan_for(self, req_id: str, max_steps: int = 500):
+        """Steps (answered) until one plans a compaction of `req_id`; that step is left unanswered."""
+        for _ in range(max_steps):
+            plan = self.schedule()
+            if plan is not None and any(p.req_id == req_id for p in plan.plans):
+                return plan
+            self.answer()
+        raise AssertionError(f"no compaction of {req_id} was planned")
+
+    def run_to_the_end(self, max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if not self.sched.requests:
+                return
+            self.step()
+        raise AssertionError("requests did not finish")
+
+    def preempt(self, request: Request) -> None:
+        """What vLLM's schedule() does to a request when pages run out."""
+        self.sched.running.remove(request)
+        self.sched._preempt_request(request, time.monotonic())
+
+    def assert_everything_returned(self) -> None:
+        assert self.pool.get_num_free_blocks() == self.free_at_start
+        assert self.sched.planner.spans == {}
+        assert self.sched._request_configs == {}
+
+
+def _config(monkeypatch, **kw) -> None:
+    config = CompactionConfig(enabled=True, ratio=4, trigger_tokens=64, recent_window_tokens=32,
+                              protected_initial_tokens=0, memory_pressure=False, **kw)
+    monkeypatch.setenv(ENV_VAR, config.to_env())
+
+
+# vLLM preempts only inside schedule(): a planned compaction's preemption is the last test of this file.
+CASES = [(stage, ending) for stage in ("planned", "executed", "recompacted") for ending in ("abort", "finish", "preempt")
+         if (stage, ending) != ("planned", "preempt")]
+
+
+@pytest.mark.parametrize("stage,ending", CASES)
+def test_every_page_returns(stage, ending, monkeypatch, tiny_model_path):
+    _config(monkeypatch)
+    h = Harness(tiny_model_path, num_blocks=64)
+    request = h.add("a", prompt_tokens=200, max_tokens=150)
+    bystander = h.add("b", prompt_tokens=40, max_tokens=150, extra_args={"kv_compaction_enabled": False})
+    h.until_plan_for("a")
+    if stage in ("executed", "recompacted"):
+        h.answer()
+    if stage == "recompacted":
+        h.until_plan_for("a")
+        h.answer()
+        assert h.sched.compactions(request) == 2
+    held = len(h.sched.planner.spans["a"].page_ids)
+    assert held > 0
+    if ending == "abort":
+        h.sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    elif ending == "finish":
+        if stage != "planned":
+            h.schedule()
+        h.answer(stop=("a",))
+        assert request.status == RequestStatus.FINISHED_STOPPED
+    else:
+        h.preempt(request)
+    # Only the bystander holds pages now: its blocks, nothing of the compacted request.
+    assert "a" not in h.sched.planner.spans
+    bystander_blocks = len(h.sched.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks["b"])
+    assert h.pool.get_num_free_blocks() == h.free_at_start - bystander_blocks
+    if stage == "planned":
+        h.answer()  # the step's output arrives for a request that has already ended
+    h.run_to_the_end()
+    assert bystander.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    if ending == "preempt":
+        assert request.num_preemptions == 1 and request.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    h.assert_everything_returned()
+
+
+def test_a_request_preempted_in_the_step_that_planned_its_compaction_returns_every_page(monkeypatch,
+                                                                                       tiny_model_path):
+    """A long prompt prefilling next to "a" takes, in the very step that compacts "a", more pages than the
+    compaction frees: vLLM preempts "a" inside schedule(), after our planning moved its pages. The plan must not
+    reach the worker and the pages must all be back."""
+    _config(monkeypatch)
+    h = Harness(tiny_model_path, num_blocks=36, max_batched=512, prefill_chunk=256)
+    h.add("b", prompt_tokens=500, max_tokens=5)
+    request = h.add("a", prompt_tokens=200, max_tokens=40)
+    h.step()  # both prefill: b its first chunk, a its whole prompt
+    planned_before = h.sched.compaction_stats.plans
+    plan = h.schedule()
+    assert h.sched.compaction_stats.plans == planned_before + 1, "the scenario must plan a compaction of a"
+    assert request.num_preemptions == 1, "the scenario must preempt a in the same step"
+    assert plan is None or all(p.req_id != "a" for p in plan.plans)
+    assert "a" not in h.sched.planner.spans
+    h.answer()
+    h.run_to_the_end()
+    h.assert_everything_returned()
