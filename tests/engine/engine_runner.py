@@ -55,7 +55,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
 
     scenario = json.load(open(sys.argv[1]))
-    engine_kwargs = dict(dtype="float32", enforce_eager=True, seed=0, **scenario.get("engine", {}))
+    engine_kwargs = {"dtype": "float32", "enforce_eager": True, "seed": 0, **scenario.get("engine", {})}
     if scenario.get("compaction") is not None:
         from vllm_compact.config import CompactionConfig
         from vllm_compact.integration.settings import engine_kwargs as compaction_kwargs

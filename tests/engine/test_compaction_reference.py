@@ -34,13 +34,11 @@ def _head_table(path, num_layers: int, num_kv_heads: int) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def compacted_run(tiny_model_path, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
+def _scenario(tiny_model_path: str, tmp, dtype: str = "float32", compaction: bool = True) -> dict:
     cfg = json.load(open(f"{tiny_model_path}/config.json"))
-    scenario = {
+    return {
         "model": tiny_model_path,
-        "compaction": {
+        "compaction": None if not compaction else {
             "trigger_tokens": 64,
             "recent_window_tokens": 32,
             "protected_initial_tokens": 1,
@@ -48,14 +46,27 @@ def compacted_run(tiny_model_path, tmp_path_factory):
             "compact_during_prefill": True,  # the replay covers tokens prefilled over a compact segment
             "head_budget_file": _head_table(tmp / "heads.json", cfg["num_hidden_layers"], cfg["num_key_value_heads"]),
         },
-        "engine": {"block_size": BLOCK, "max_num_batched_tokens": 128, "max_model_len": 1024},
+        "engine": {"block_size": BLOCK, "max_num_batched_tokens": 128, "max_model_len": 1024, "dtype": dtype},
         "requests": [
             {"id": "long", "prompt_token_ids": _prompt(330, 0), "max_tokens": 40, "logprobs": 5, "prompt_logprobs": 1},
             {"id": "mid", "prompt_token_ids": _prompt(200, 1), "max_tokens": 12, "logprobs": 5, "prompt_logprobs": 1},
             {"id": "short", "prompt_token_ids": _prompt(40, 2), "max_tokens": 12, "logprobs": 5, "prompt_logprobs": 1},
         ],
     }
-    return run_scenario(scenario, tmp)
+
+
+@pytest.fixture(scope="module")
+def compacted_run(tiny_model_path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    return run_scenario(_scenario(tiny_model_path, tmp), tmp)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(tiny_model_path, tmp_path_factory):
+    """The served dtype: the same requests through a bf16 engine, with compaction and stock."""
+    tmp = tmp_path_factory.mktemp("ref-bf16")
+    return (run_scenario(_scenario(tiny_model_path, tmp, "bfloat16"), tmp / "compacted"),
+            run_scenario(_scenario(tiny_model_path, tmp, "bfloat16", compaction=False), tmp / "stock"))
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +153,25 @@ def test_reference_distinguishes_compaction(compacted_run, reference):
     without = _replay(reference, record, compacted=False)
     start = record["events"][0]["computed_before"]
     assert float((with_compaction[start:] - without[start:]).abs().max()) > 2e-2
+
+
+def _errors(ref: ReferenceLlama, record: dict, compacted: bool) -> torch.Tensor:
+    ref_logprobs = _replay(ref, record, compacted)
+    return torch.tensor([abs(float(ref_logprobs[position, token]) - logprob)
+                         for position, engine in _engine_points(record) for token, logprob in engine.items()])
+
+
+@pytest.mark.parametrize("rid", ["long", "mid"])
+def test_bf16_engine_with_compaction_is_as_close_to_the_reference_as_stock_bf16(bf16_runs, reference, rid):
+    """A bf16 engine differs from the fp32 reference by bf16 rounding. With compaction firing (the compact entries
+    read back from the bf16 pages) it must stay as close as stock bf16 vLLM is on the same requests, while
+    compaction itself moves the log-probs by far more."""
+    compacted, stock = bf16_runs[0]["requests"][rid], bf16_runs[1]["requests"][rid]
+    assert compacted["events"] and not stock["events"]
+    err = _errors(reference, compacted, compacted=True)
+    stock_err = _errors(reference, stock, compacted=False)
+    assert float(err.max()) < 0.15, f"{rid}: max |bf16 engine - reference| log-prob = {float(err.max())}"
+    assert float(err.mean()) < 1.5 * float(stock_err.mean()) + 1e-3, (float(err.mean()), float(stock_err.mean()))
+    start = compacted["events"][0]["computed_before"]
+    moved = (_replay(reference, compacted, True)[start:] - _replay(reference, compacted, False)[start:]).abs()
+    assert float(moved.mean()) > 10 * float(err.mean())
