@@ -8,23 +8,28 @@ from pathlib import Path
 from vllm_compact.calibration.allocation import interpolated_error
 
 
-def memory_report(table: list[list[float]] | None, span: int, ratio: float, block_size: int) -> dict:
-    """Per-layer entry totals, pages (the fullest layer decides) and physical tokens of one compacted span."""
+def _policy(num_layers: int, num_heads: int, table: list[list[float]] | None, ratio: float):
+    """The engine's HeadBudgetPolicy for `table` (None: uniform); it reads tables from files, so write one."""
     import tempfile
 
     from vllm_compact.core.budgets import HeadBudgetPolicy
 
-    num_layers, num_heads = (len(table), len(table[0])) if table else (None, None)
     path = None
     if table is not None:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump({"proportions": table}, f)
             path = f.name
     try:
-        policy = HeadBudgetPolicy(num_layers, num_heads, ratio, table_path=path)
+        return HeadBudgetPolicy(num_layers, num_heads, ratio, table_path=path)
     finally:
         if path:
             Path(path).unlink()
+
+
+def memory_report(table: list[list[float]] | None, span: int, ratio: float, block_size: int) -> dict:
+    """Per-layer entry totals, pages (the fullest layer decides) and physical tokens of one compacted span."""
+    num_layers, num_heads = (len(table), len(table[0])) if table else (None, None)
+    policy = _policy(num_layers, num_heads, table, ratio)
     budgets = policy.budgets(span, span, None)
     pages = policy.pages_needed(budgets, block_size)
     totals = [sum(row) for row in budgets]
@@ -44,46 +49,16 @@ def memory_report(table: list[list[float]] | None, span: int, ratio: float, bloc
 
 def mean_coverage(curves, table: list[list[float]] | None, ratio: float) -> float:
     """Mean over heads of coverage at the budgets the engine's HeadBudgetPolicy gives a span of T keys."""
-    import tempfile
-
-    from vllm_compact.core.budgets import HeadBudgetPolicy
-
     num_layers, num_heads, span = curves.shape
-    path = None
-    if table is not None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({"proportions": table}, f)
-            path = f.name
-    try:
-        budgets = HeadBudgetPolicy(num_layers, num_heads, ratio, table_path=path).budgets(span, span, None)
-    finally:
-        if path:
-            Path(path).unlink()
+    budgets = _policy(num_layers, num_heads, table, ratio).budgets(span, span, None)
     values = [float(curves[l, h, b - 1]) for l, row in enumerate(budgets) for h, b in enumerate(row)]
     return sum(values) / len(values)
-
-
-def _policy_budgets(num_layers: int, num_heads: int, span: int, table: list[list[float]] | None, ratio: float):
-    import tempfile
-
-    from vllm_compact.core.budgets import HeadBudgetPolicy
-
-    path = None
-    if table is not None:
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump({"proportions": table}, f)
-            path = f.name
-    try:
-        return HeadBudgetPolicy(num_layers, num_heads, ratio, table_path=path).budgets(span, span, None)
-    finally:
-        if path:
-            Path(path).unlink()
 
 
 def mean_error(errors, grid: list[int], span: int, table: list[list[float]] | None, ratio: float) -> float:
     """Mean over heads of the interpolated held-out output error at the engine's budgets (uniform or table)."""
     num_layers, num_heads, _ = errors.shape
-    budgets = _policy_budgets(num_layers, num_heads, span, table, ratio)
+    budgets = _policy(num_layers, num_heads, table, ratio).budgets(span, span, None)
     rows = errors.double().tolist()
     values = [interpolated_error(rows[l][h], grid, b) for l, row in enumerate(budgets) for h, b in enumerate(row)]
     return sum(values) / len(values)
