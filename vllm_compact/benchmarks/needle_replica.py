@@ -6,8 +6,9 @@ question among them); the span between the protected head block and the recent w
 call; greedy decoding continues over [head ; compact entries with beta ; recent window] with the plain-torch
 reference forward at the original positions. A configuration is `METHOD:RATIO[:OPTION=VALUE...][:protect]`:
 options are the method's dataclass fields (`refit_values=0`, `follow_tokens=16`, `weight_bounds=1` for beta = 0,
-`ridge_grid=` for none), `protect` forces the needle sentence's keys into every head (an oracle: is keeping the
-fact enough?).
+`ridge_grid=` for none), except `queries=SOURCES`, the reference queries (`after`, the engine's reservoir, by
+default; `after+context` adds the span's own queries, strided: queries spread over the whole prompt); `protect`
+forces the needle sentence's keys into every head (an oracle: is keeping the fact enough?).
 """
 
 from __future__ import annotations
@@ -46,10 +47,14 @@ def _option(key: str, raw: str):
     return int(raw) if raw.lstrip("-").isdigit() else float(raw)
 
 
-def parse_config(config: str) -> tuple[str, float, dict, bool]:
+def parse_config(config: str) -> tuple[str, float, dict, bool, str]:
     method, ratio, *rest = config.split(":")
-    options = {k: _option(k, v) for k, _, v in (p.partition("=") for p in rest if p and p != "protect")}
-    return method, float(ratio), options, "protect" in rest
+    pairs = [p.partition("=") for p in rest if p and p != "protect"]
+    options = {k: _option(k, v) for k, _, v in pairs if k != "queries"}
+    queries = next((v for k, _, v in pairs if k == "queries"), "after")
+    if any(source not in ("after", "context", "repeat") for source in queries.split("+")):
+        raise ValueError(f"queries must be after, context or repeat joined by +, not {queries!r}")
+    return method, float(ratio), options, "protect" in rest, queries
 
 
 def _needle_positions(tokenizer, ids: list[int], needle) -> list[int]:
@@ -99,8 +104,8 @@ def main(argv: list[str]) -> int:
                 if config == "none":
                     cache = replica.full
                 else:
-                    method, ratio, options, protect = parse_config(config)
-                    cache = replica.compacted_cache(method, ratio, "after", options, positions if protect else None)
+                    method, ratio, options, protect, queries = parse_config(config)
+                    cache = replica.compacted_cache(method, ratio, queries, options, positions if protect else None)
                 text = replica.answer(cache)
             hit = needle.is_answered_by(text)
             counts[config][0] += hit
