@@ -159,6 +159,21 @@ def test_failing_solves_never_lose_a_request(tiny_model_path, tmp_path):
     assert stats["free_final"] == stats["free_initial"]
 
 
+def test_failing_page_reads_and_writes_never_lose_a_request(tiny_model_path, tmp_path):
+    """Reading the source pages or writing the compact pages raises (half the time, test-only switch): the plan is
+    retried alone, then redone as the newest keys, every request finishes with finite log-probs and every page
+    returns."""
+    result = run_scenario(_every_method_scenario(tiny_model_path), tmp_path,
+                          env={"VLLM_COMPACT_FAULTS": "rate=0.5,seed=2,sites=gather+write"})
+    stats = result["stats"]
+    assert stats["worker"]["faults_injected"] > 0 and stats["worker"]["failures"] > 0
+    assert stats["worker"]["compactions"] > 0
+    for method, record in result["requests"].items():
+        assert len(record["token_ids"]) == 24, method
+        assert all(math.isfinite(lp) for step in record["logprobs"] for lp in step.values()), method
+    assert stats["free_final"] == stats["free_initial"]
+
+
 def test_compaction_waits_for_the_whole_prompt(tiny_model_path, tmp_path):
     """With pages to spare a chunked prompt is compacted once it is fully prefilled (its end, usually the question,
     is then among the reference queries); `compact_during_prefill` compacts between chunks."""

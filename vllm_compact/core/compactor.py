@@ -141,7 +141,7 @@ class SegmentCompactor:
 
     # ---- write ------------------------------------------------------------------------------------------------
 
-    def _write(self, plan: RequestCompactionPlan, result, first_head: int) -> CompactSegment:
+    def _write(self, plan: RequestCompactionPlan, result, first_head: int, faults: bool = True) -> CompactSegment:
         geo = self.geo
         dest = torch.tensor(plan.dest_block_ids, dtype=torch.int32)
         head_start = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.int32)
@@ -156,6 +156,8 @@ class SegmentCompactor:
                 [result.values[r, :n] for r, n in zip(rows, lengths)],
             )
             betas.append(torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous())
+            if faults and layer == 0:
+                self.faults.check("write")  # a failure halfway: the private pages are rewritten by the retry
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
 
     def execute(self, step: CompactionStep) -> None:
@@ -187,11 +189,13 @@ class SegmentCompactor:
         started = time.perf_counter()
         inputs: list[_HeadInput] = []
         for plan in plans:
+            if faults:
+                self.faults.check("gather")
             inputs.extend(self._head_inputs(plan))
         batch = self._batch(inputs)
         result = self._solve(batch, method) if faults else compact_heads(batch, method)
         heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
-        segments = [self._write(plan, result, i * heads_per_plan) for i, plan in enumerate(plans)]
+        segments = [self._write(plan, result, i * heads_per_plan, faults) for i, plan in enumerate(plans)]
         for plan, segment in zip(plans, segments):
             self.state.segments[plan.req_id] = segment
         self.state.stats.compactions += len(plans)
