@@ -2,8 +2,8 @@
 
 A decode token is one softmax over the request's whole buffer; a prefill chunk takes fused causal attention over the
 tail (with its log-sum-exp) and bias-aware attention over the entries, merged by log-sum-exp. `tail_attention_ref` is
-the masked-matmul reference of `tail_attention`; tests/kernels/test_kernels_request_attention.py checks both, and
-`compacted_attention`, against float64 softmax.
+the masked-matmul reference of `tail_attention`, `compacted_attention_ref` the one-softmax reference of
+`compacted_attention`; tests/kernels/test_kernels_request_attention.py checks all four against float64 softmax.
 """
 
 from __future__ import annotations
@@ -109,6 +109,23 @@ def compacted_attention(
     q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, dim)
     segment_out, segment_lse = attend_entries(q, SegmentEntries(keys[:, :e], values[:, :e], bias[:, :e]), scale)
     return merge_attention(*tail, segment_out.view(n, num_heads, dim), segment_lse.view(n, num_heads))[0]
+
+
+def compacted_attention_ref(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, num_entries: int, scale: float
+) -> torch.Tensor:
+    """compacted_attention as one masked fp32 softmax over the whole buffer (entries always visible, the tail
+    causal and bottom-right aligned): [n, Hq, D]."""
+    n, num_heads, dim = query.shape
+    num_kv_heads, length, _ = keys.shape
+    group = num_heads // num_kv_heads
+    q = _fold_group(query.float(), num_kv_heads)  # [Hkv, G*n, D]
+    logits = torch.matmul(q, keys.float().transpose(1, 2)) * scale + bias.float()[:, None, :]
+    tail_len = length - num_entries
+    logits[:, :, num_entries:] += _causal_tail_mask(n, tail_len, group)
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.exp(logits - lse.unsqueeze(-1)), values.float())
+    return _unfold_group(out, lse, n)[0]
 
 
 def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:

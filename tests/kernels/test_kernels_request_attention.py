@@ -57,6 +57,7 @@ def test_compacted_attention_matches_float64(nq, tail):
     buffers = [torch.cat([e, t], dim=1) for e, t in ((entries.keys, tail_keys), (entries.values, tail_values))]
     bias = torch.cat([entries.bias, torch.zeros(num_kv_heads, tail)], dim=1)
     out = attention.compacted_attention(query, *buffers, bias, max(lengths), scale)
+    ref = attention.compacted_attention_ref(query, *buffers, bias, max(lengths), scale)
     group = num_heads // num_kv_heads
     for i in range(nq):
         visible = tail - nq + i + 1
@@ -68,3 +69,4 @@ def test_compacted_attention_matches_float64(nq, tail):
             bias = torch.cat([entries.bias[kv, :n], torch.zeros(visible)]).double()
             probs = torch.softmax(query[i, h].double() @ keys.T * scale + bias, 0)
             torch.testing.assert_close(out[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ref[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
