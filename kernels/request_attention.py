@@ -128,7 +128,9 @@ def compacted_attention_ref(
     return _unfold_group(out, lse, n)[0]
 
 
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One query token [Hq, D] over a request's whole buffer (keys/values [Hkv, n, D] fp32, bias [Hkv, n]; its own
     token is the last): fp32 [Hq, D].
 

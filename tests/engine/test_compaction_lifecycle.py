@@ -112,8 +112,8 @@ def _config(monkeypatch, **kw) -> None:
 
 
 # vLLM preempts only inside schedule(): a planned compaction's preemption is the last test of this file.
-CASES = [(stage, ending) for stage in ("planned", "executed", "recompacted") for ending in ("abort", "finish", "preempt")
-         if (stage, ending) != ("planned", "preempt")]
+STAGES, ENDINGS = ("planned", "executed", "recompacted"), ("abort", "finish", "preempt")
+CASES = [(stage, ending) for stage in STAGES for ending in ENDINGS if (stage, ending) != ("planned", "preempt")]
 
 
 @pytest.mark.parametrize("stage,ending", CASES)

@@ -31,7 +31,9 @@ def _probe(num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
 
 
 @lru_cache(maxsize=8)
-def stock_block_layout(num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, isa: str) -> StockBlockLayout:
+def stock_block_layout(
+    num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype, isa: str
+) -> StockBlockLayout:
     try:
         return layout_from_codes(_probe(num_kv_heads, block_size, head_dim, dtype, isa), num_kv_heads, block_size,
                                  head_dim)
