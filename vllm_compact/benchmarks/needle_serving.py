@@ -4,8 +4,8 @@ Start the server as a user does (`make serve`: bf16, the API server's chunking, 
 point this at it. Every prompt goes to `/v1/completions`; the method and ratio are asked per request
 (`vllm_xargs`), `none` is the same server with compaction turned off for the request. The question sits at the end
 of the prompt. With the server's defaults compaction runs once the prompt is prefilled, so its reference queries
-include the question (`--question end`). Started with `--kv-compaction-during-prefill --max-num-batched-tokens 256
---kv-compaction-trigger 256`, the server compacts chunk by chunk, before the question is read (`--question after`:
+include the question (`--question end`). Started with `--kv-compaction-during-prefill --max-num-batched-tokens 512
+--kv-compaction-trigger 512`, the server compacts chunk by chunk, before the question is read (`--question after`:
 query-agnostic compaction); the flag only labels the rows, the server's settings decide.
 Compaction seconds per compacted request come from the server's /v1/compaction/stats (worker seconds_total).
 `--kinds` picks the needle wording: number, word, or multi (three confusable number facts, one asked).
