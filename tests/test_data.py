@@ -14,7 +14,7 @@ import pytest
 from vllm_compact.data import cli as data_cli
 from vllm_compact.data import source
 from vllm_compact.data.essays import essay_text, sentence_starts
-from vllm_compact.data.needle import continuation_split, make_needle_prompt
+from vllm_compact.data.needle import continuation_split, make_multi_needle_prompt, make_needle_prompt
 from vllm_compact.data.qa import hotpotqa, squad
 from vllm_compact.models.fetch import read_marker
 from vllm_compact.models.registry import ensure_model
@@ -133,6 +133,31 @@ def test_needle_rejects_bad_arguments(tokenizer):
         make_needle_prompt(tokenizer, 500, 1.5, "number", seed=0)
     with pytest.raises(ValueError, match="no room"):
         make_needle_prompt(tokenizer, 20, 0.5, "number", seed=0)
+
+
+@pytest.mark.parametrize("tokens", [512, 3000])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_multi_needle(tokenizer, tokens, depth):
+    prompt = make_multi_needle_prompt(tokenizer, tokens, depth, seed=3)
+    assert prompt.context_tokens == _count(tokenizer, prompt.prompt) and tokens - 4 <= prompt.context_tokens <= tokens
+    assert prompt.kind == "multi" and make_multi_needle_prompt(tokenizer, tokens, depth, seed=3) == prompt
+    facts = re.findall(r"One of the special magic numbers for (\S+) is: ([1-9]\d{6})\.", prompt.prompt)
+    assert len(facts) == 3 and len({key for key, _ in facts}) == 3 and len({value for _, value in facts}) == 3
+    assert (prompt.key, prompt.answer) in facts and prompt.prompt.count(prompt.answer) == 1
+    assert prompt.needle == f"One of the special magic numbers for {prompt.key} is: {prompt.answer}."
+    assert prompt.prompt.endswith(f"\n{prompt.question} {prompt.answer_prefix}") and prompt.key in prompt.question
+    # The asked fact sits at `depth` (haystack tokens before it / all), the other two at least a quarter away.
+    header_end = prompt.prompt.index("\n") + 1
+    haystack = prompt.prompt[header_end : prompt.prompt.rindex("\n")]
+    total = _count(tokenizer, haystack)
+    depths = {key: _count(tokenizer, haystack[: haystack.index(f"for {key} is")]) / total for key, _ in facts}
+    assert abs(depths[prompt.key] - depth) < (0.15 if tokens < 1000 else 0.05)
+    assert abs(prompt.depth - depths[prompt.key]) < (0.12 if tokens < 1000 else 0.03)
+    assert all(abs(d - depths[prompt.key]) > 0.25 for key, d in depths.items() if key != prompt.key)
+    other = make_multi_needle_prompt(tokenizer, tokens, depth, seed=4)
+    assert other.answer != prompt.answer and other.key != prompt.key
+    assert prompt.is_answered_by(f" {prompt.answer}.")
+    assert not any(prompt.is_answered_by(f" {value}.") for key, value in facts if key != prompt.key)
 
 
 # ---------------------------------------------------------------- continuations

@@ -4,19 +4,26 @@ Start the server as a user does (`make serve`: bf16, the API server's chunking, 
 point this at it. Every prompt goes to `/v1/completions`; the method and ratio are asked per request
 (`vllm_xargs`), `none` is the same server with compaction turned off for the request. The question sits at the end
 of the prompt. With the server's defaults compaction runs once the prompt is prefilled, so its reference queries
-include the question (`--question end`). Started with `--kv-compaction-during-prefill --max-num-batched-tokens 256
---kv-compaction-trigger 256`, the server compacts chunk by chunk, before the question is read (`--question after`:
+include the question (`--question end`). Started with `--kv-compaction-during-prefill --max-num-batched-tokens 512
+--kv-compaction-trigger 512`, the server compacts chunk by chunk, before the question is read (`--question after`:
 query-agnostic compaction); the flag only labels the rows, the server's settings decide.
 Compaction seconds per compacted request come from the server's /v1/compaction/stats (worker seconds_total).
+`--kinds` picks the needle wording: number, word, or multi (three confusable number facts, one asked).
+
+`--out` is a merged table: a run's rows replace the rows with the same key (KEY) and keep all others, so runs
+against differently started servers add up to one table; each row records the server and bench command lines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
+
+KEY = ("model", "method", "ratio", "dtype", "context_tokens", "question", "head_budgets", "kind")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--question", choices=["end", "after"], default="end",
                    help="where the server's settings put compaction relative to the question (a label, see above)")
-    p.add_argument("--head-budgets", default="uniform", help="the server's per-head budgets (a label)")
+    p.add_argument("--head-budgets", choices=["calibrated", "uniform"], default="calibrated",
+                   help="the server's per-head budgets (a label; the server's default is calibrated)")
+    p.add_argument("--kinds", nargs="+", choices=["number", "word", "multi"], default=["number"],
+                   help="needle wording; multi: three facts with the same noun, one asked")
     p.add_argument("--server-command", default="make serve", help="how the server was started (recorded)")
     p.add_argument("--out", default="bench/results/needle_serving.json")
     return p
@@ -40,26 +50,29 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    bench_command = shlex.join(["vllm-compact", "bench", "needle-serving", *argv])
     import requests
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from vllm_compact.data.needle import make_needle_prompt, needle_depths
+    from vllm_compact.data.needle import make_multi_needle_prompt, make_needle_prompt, needle_depths
     from vllm_compact.server.serve import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
     served = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
     configs = [("none", 1.0)] * ("none" in args.methods)
     configs += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
-    prompts = [(ctx, i, make_needle_prompt(tokenizer, ctx, depth, "number", seed=i))
-               for ctx in args.contexts for i, depth in enumerate(needle_depths(args.depths))]
+    prompts = [(kind, ctx, make_multi_needle_prompt(tokenizer, ctx, depth, seed=i) if kind == "multi"
+                else make_needle_prompt(tokenizer, ctx, depth, kind, seed=i))
+               for kind in args.kinds for ctx in args.contexts for i, depth in enumerate(needle_depths(args.depths))]
+    labels = {"model": args.model, "dtype": args.dtype, "question": args.question, "head_budgets": args.head_budgets}
     rows, answers = [], []
     started = time.perf_counter()
     for method, ratio in tqdm(configs, desc="configurations", file=sys.stderr):
         xargs = ({"kv_compaction_enabled": False} if method == "none"
                  else {"kv_compaction_method": method, "kv_compaction_ratio": ratio})
-        tally: dict[int, list] = {}
-        for ctx, i, needle in prompts:
+        tally: dict[tuple[str, int], list] = {}
+        for kind, ctx, needle in prompts:
             before = _worker_stats(args.base_url)
             t0 = time.perf_counter()
             reply = requests.post(f"{args.base_url}/v1/completions", timeout=900, json={
@@ -71,38 +84,63 @@ def main(argv: list[str]) -> int:
             usage = body.get("usage", {}).get("kv_compaction", {})
             hit = needle.is_answered_by(text)
             after = _worker_stats(args.base_url)
-            t = tally.setdefault(ctx, [0, 0, 0.0, 0, 0.0])
+            t = tally.setdefault((kind, ctx), [0, 0, 0.0, 0, 0.0])
             t[0], t[1], t[2] = t[0] + hit, t[1] + 1, t[2] + time.perf_counter() - t0
             t[3] += after["compactions"] - before["compactions"]
             t[4] += after["seconds_total"] - before["seconds_total"]
-            answers.append({"method": method, "ratio": ratio, "context_tokens": ctx, "depth": needle.depth,
-                            "answer": needle.answer, "completion": text, "hit": hit, "usage": usage})
-        for ctx, (hits, total, seconds, compactions, compaction_seconds) in tally.items():
-            rows.append({"model": args.model, "method": method, "ratio": ratio, "dtype": args.dtype,
-                         "context_tokens": ctx, "question": args.question, "head_budgets": args.head_budgets,
+            answers.append({**labels, "method": method, "ratio": ratio, "context_tokens": ctx, "kind": kind,
+                            "depth": needle.depth, "seed": needle.seed, "answer": needle.answer,
+                            "completion": text, "hit": hit, "usage": usage})
+        for (kind, ctx), (hits, total, seconds, compactions, compaction_seconds) in tally.items():
+            rows.append({**labels, "method": method, "ratio": ratio, "context_tokens": ctx, "kind": kind,
                          "hits": hits, "total": total, "seconds_per_request": seconds / total,
-                         "compactions": compactions,
-                         "compaction_seconds_per_request": compaction_seconds / total})
+                         "compactions": compactions, "compaction_seconds_per_request": compaction_seconds / total,
+                         "server_command": args.server_command, "bench_command": bench_command})
+    print(f"{(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "answers": answers}, indent=1))
-    lines = [f"# Needle accuracy through a running server (question {args.question})", "",
-             f"Command: `vllm-compact bench needle-serving --base-url URL --contexts "
-             f"{' '.join(map(str, args.contexts))} --depths {args.depths} --methods {' '.join(args.methods)} "
-             f"--ratios {' '.join(f'{r:g}' for r in args.ratios)} --question {args.question}` against a server started "
-             f"as `{args.server_command}` (model {args.model}, {args.dtype}); "
-             f"{(time.perf_counter() - started) / 60:.1f} min.", "",
-             "| model | method | ratio | dtype | context | question | head budgets | hits | s / request | "
-             "compactions | compaction s / request |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['ratio']:g} | {r['dtype']} | {r['context_tokens']} | "
-                     f"{r['question']} | {r['head_budgets']} | {r['hits']}/{r['total']} | "
-                     f"{r['seconds_per_request']:.1f} | {r['compactions']} | "
-                     f"{r['compaction_seconds_per_request']:.2f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    old = json.loads(out.read_text()) if out.exists() else {"rows": [], "answers": []}
+    rows = _merge(old["rows"], rows, KEY)
+    answers = _merge(old["answers"], answers, KEY + ("depth", "seed"))
+    out.write_text(json.dumps({"rows": rows, "answers": answers}, indent=1))
+    out.with_suffix(".md").write_text(render(rows))
     print(out.with_suffix(".md").read_text())
     return 0
+
+
+def _key(record: dict, fields: tuple[str, ...]) -> tuple:
+    return tuple(record.get(f, "number" if f == "kind" else None) for f in fields)  # rows older than kinds: number
+
+
+def _merge(old: list[dict], new: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """`old` without the records that `new` replaces (same key), then `new`."""
+    replaced = {_key(r, fields) for r in new}
+    return [{"kind": "number", **r} for r in old if _key(r, fields) not in replaced] + new
+
+
+def render(rows: list[dict]) -> str:
+    """One table of all rows, sorted; the command lines are listed once and numbered."""
+    rows = sorted(rows, key=lambda r: (r["model"], r["question"], r["head_budgets"], r["kind"],
+                                       r["method"] != "none", r["method"], r["ratio"], r["context_tokens"]))
+    commands: dict[tuple[str, str], int] = {}
+    for r in rows:
+        commands.setdefault((r.get("server_command", "?"), r.get("bench_command", "?")), len(commands) + 1)
+    lines = ["# Needle accuracy through a running server", "",
+             "`question end`: compaction once the prompt (question included) is prefilled; `after`: compaction chunk "
+             "by chunk during prefill, before the question is read. `hits`: completions containing the asked value "
+             "(one prompt per depth). Compaction seconds come from the server's /v1/compaction/stats.", "",
+             "| model | question | head budgets | kind | method | ratio | context | dtype | hits | s / request | "
+             "compactions | compaction s / request | command |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['question']} | {r['head_budgets']} | {r['kind']} | {r['method']} | "
+                     f"{r['ratio']:g} | {r['context_tokens']} | {r['dtype']} | {r['hits']}/{r['total']} | "
+                     f"{r['seconds_per_request']:.1f} | {r['compactions']} | "
+                     f"{r['compaction_seconds_per_request']:.2f} | "
+                     f"{commands[(r.get('server_command', '?'), r.get('bench_command', '?'))]} |")
+    lines += ["", "Commands (server started from the repository root, then the bench against it):", ""]
+    lines += [f"{n}. server `{server}`; bench `{bench}`" for (server, bench), n in commands.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _worker_stats(base_url: str) -> dict:

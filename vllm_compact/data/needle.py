@@ -120,21 +120,45 @@ def _tokens_before(tokenizer: TextTokenizer, end: int, count: int) -> list[int]:
     return ids[-count:]
 
 
-def _insert_at_depth(tokenizer: TextTokenizer, haystack_ids: list[int], depth: float, needle: str) -> tuple[str, float]:
-    """Haystack text with the needle at the sentence start nearest to `depth`; returns (text, achieved depth)."""
+def _insert_at_depths(
+    tokenizer: TextTokenizer, haystack_ids: list[int], needles: list[tuple[float, str]]
+) -> tuple[str, list[float]]:
+    """Haystack text with each (depth, needle) at the sentence start nearest to its depth; returns (text, achieved
+    depths in the order given)."""
     haystack = tokenizer.decode(haystack_ids).rstrip()
-    target_char = len(tokenizer.decode(haystack_ids[: round(depth * len(haystack_ids))]))
     boundaries = sentence_starts(haystack) + [len(haystack)]
-    position = min(boundaries, key=lambda boundary: abs(boundary - target_char))
-    before, after = haystack[:position], haystack[position:]
-    if not before:
-        text = f"{needle} {after}"
-    elif not after:
-        text = f"{before.rstrip()} {needle}"
-    else:
-        text = f"{before.rstrip()} {needle} {after}"
-    achieved = _count(tokenizer, before) / max(1, len(haystack_ids))
-    return text, min(1.0, achieved)
+    positions = []
+    for depth, _ in needles:
+        target_char = len(tokenizer.decode(haystack_ids[: round(depth * len(haystack_ids))]))
+        positions.append(min(boundaries, key=lambda boundary: abs(boundary - target_char)))
+    text = haystack
+    for position, (_, needle) in sorted(zip(positions, needles), key=lambda pair: -pair[0]):
+        before, after = text[:position], text[position:]  # last position first: earlier ones stay valid
+        if not before:
+            text = f"{needle} {after}"
+        elif not after:
+            text = f"{before.rstrip()} {needle}"
+        else:
+            text = f"{before.rstrip()} {needle} {after}"
+    achieved = [min(1.0, _count(tokenizer, haystack[:p]) / max(1, len(haystack_ids))) for p in positions]
+    return text, achieved
+
+
+def _fit(tokenizer: TextTokenizer, context_tokens: int, overhead: int, assemble) -> tuple[str, list[float], int]:
+    """(prompt, achieved depths, length) of the longest `assemble(haystack budget)` within `context_tokens`."""
+    budget = context_tokens - overhead
+    best: tuple[str, list[float], int] | None = None
+    for _ in range(6):  # token counts of joined text differ from the sum of parts by a few: converge on it
+        prompt, achieved = assemble(budget)
+        length = _count(tokenizer, prompt)
+        if length <= context_tokens and (best is None or length > best[2]):
+            best = (prompt, achieved, length)
+        if length == context_tokens:
+            break
+        budget += context_tokens - length
+    if best is None:
+        raise ValueError(f"could not fit a needle prompt into {context_tokens} tokens")
+    return best
 
 
 def make_needle_prompt(
@@ -162,23 +186,11 @@ def make_needle_prompt(
     # The haystack ends where a sentence ends, so a needle at depth 1 follows a complete sentence.
     all_ids = _tokens_before(tokenizer, _seeded_sentence_start(rng), 2 * context_tokens)
 
-    def assemble(budget: int) -> tuple[str, float]:
-        haystack, achieved = _insert_at_depth(tokenizer, all_ids[-budget:], depth, needle)
+    def assemble(budget: int) -> tuple[str, list[float]]:
+        haystack, achieved = _insert_at_depths(tokenizer, all_ids[-budget:], [(depth, needle)])
         return f"{header}{haystack}\n{question} {answer_prefix}", achieved
 
-    budget = context_tokens - overhead
-    best: tuple[str, float, int] | None = None
-    for _ in range(6):  # token counts of joined text differ from the sum of parts by a few: converge on it
-        prompt, achieved = assemble(budget)
-        length = _count(tokenizer, prompt)
-        if length <= context_tokens and (best is None or length > best[2]):
-            best = (prompt, achieved, length)
-        if length == context_tokens:
-            break
-        budget += context_tokens - length
-    if best is None:
-        raise ValueError(f"could not fit a needle prompt into {context_tokens} tokens")
-    prompt, achieved, length = best
+    prompt, (achieved,), length = _fit(tokenizer, context_tokens, overhead, assemble)
     return NeedlePrompt(
         prompt=prompt,
         context_tokens=length,
@@ -209,4 +221,49 @@ def continuation_split(
         context_ids=context_ids,
         continuation_ids=continuation_ids,
         start_char=start,
+    )
+
+
+def make_multi_needle_prompt(tokenizer: TextTokenizer, context_tokens: int, depth: float, seed: int = 0) -> NeedlePrompt:
+    """Like make_needle_prompt("number"), but with three confusable facts: the same noun, three keys, three 7-digit
+    values, the asked one at `depth` and the other two a third and two thirds of the haystack away (wrapping around),
+    so the answer must come from the right key, not from the only number in sight. kind "multi"."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], not {depth}")
+    rng = random.Random(f"multi-needle:{seed}")
+    keys: list[str] = []
+    while len(keys) < 3:  # distinct keys: a repeated one would make the question ambiguous
+        if (key := _pair(rng)) not in keys:
+            keys.append(key)
+    values = [str(value) for value in rng.sample(range(1_000_000, 10_000_000), 3)]
+    needles = [f"One of the special magic numbers for {key} is: {value}." for key, value in zip(keys, values)]
+    depths = [depth, (depth + 1 / 3) % 1.0, (depth + 2 / 3) % 1.0]
+    header = (
+        "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+        "I will quiz you about the numbers afterwards.\n"
+    )
+    question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
+    answer_prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
+
+    overhead = _count(tokenizer, f"{header}{' '.join(needles)}\n{question} {answer_prefix}")
+    if context_tokens < overhead + 16:
+        raise ValueError(f"context_tokens={context_tokens} leaves no room for a haystack (overhead {overhead})")
+    all_ids = _tokens_before(tokenizer, _seeded_sentence_start(rng), 2 * context_tokens)
+
+    def assemble(budget: int) -> tuple[str, list[float]]:
+        haystack, achieved = _insert_at_depths(tokenizer, all_ids[-budget:], list(zip(depths, needles)))
+        return f"{header}{haystack}\n{question} {answer_prefix}", achieved
+
+    prompt, achieved, length = _fit(tokenizer, context_tokens, overhead, assemble)
+    return NeedlePrompt(
+        prompt=prompt,
+        context_tokens=length,
+        needle=needles[0],
+        answer=values[0],
+        depth=achieved[0],
+        question=question,
+        answer_prefix=answer_prefix,
+        key=keys[0],
+        kind="multi",
+        seed=seed,
     )
