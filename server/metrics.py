@@ -29,6 +29,7 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("pages_freed", "scheduler", "pages_freed", "KV pages returned to the pool by compaction."),
     ("plans", "scheduler", "plans", "Compaction plans made by the scheduler."),
     ("pressure_steps", "scheduler", "pressure_steps", "Scheduler steps that compacted under memory pressure."),
+    ("rollbacks", "scheduler", "rollbacks", "Plans undone because the worker could not write them."),
 )
 GAUGES: tuple[tuple[str, str, str, str], ...] = (
     ("logical_tokens", "totals", "logical_tokens", "Logical KV length summed over running requests."),

@@ -61,16 +61,33 @@ def test_requests_that_do_not_compact_get_no_plan(kw):
     assert _planner().plan([(RequestLengths("a", 4000, 4000), _cfg(**kw))], 100, under_pressure=True) == []
 
 
-def test_short_of_pages_the_largest_gain_goes_first_and_later_plans_see_the_pages_it_freed():
+def test_short_of_pages_the_largest_gain_goes_first_and_later_plans_fit_in_the_pages_left():
+    """A plan's freed pages return only once the worker has written it: later plans of the step cannot use them."""
     cfg = _cfg()
     small, large = RequestLengths("small", 600, 600), RequestLengths("large", 3000, 3000)
     large_pages = _pages_by_hand(((3000 - 64) // BS - 1) * BS, 10)  # 19
     small_pages = _pages_by_hand(((600 - 64) // BS - 1) * BS, 10)  # 4
-    plans = _planner().plan([(small, cfg), (large, cfg)], free_pages=large_pages, under_pressure=False)
-    # The large plan takes every free page; the small one fits only in the blocks the large one gives back.
+    plans = _planner().plan([(small, cfg), (large, cfg)], free_pages=large_pages + small_pages, under_pressure=False)
     assert [(p.req_id, p.pages_needed) for p in plans] == [("large", large_pages), ("small", small_pages)]
+    plans = _planner().plan([(small, cfg), (large, cfg)], free_pages=large_pages + small_pages - 1,
+                            under_pressure=False)
+    assert [p.req_id for p in plans] == ["large"]
     plans = _planner().plan([(small, cfg), (large, cfg)], free_pages=large_pages - 1, under_pressure=False)
     assert [p.req_id for p in plans] == ["small"]
+
+
+def test_restore_undoes_the_last_record():
+    cfg = _cfg()
+    planner = _planner()
+    (first,) = planner.plan([(RequestLengths("a", 1000, 1000), cfg)], 100, under_pressure=False)
+    planner.record(first, list(range(first.pages_needed)))
+    before = planner.spans["a"]
+    (second,) = planner.plan([(RequestLengths("a", 2000, 2000), cfg)], 100, under_pressure=False)
+    planner.record(second, list(range(100, 100 + second.pages_needed)))
+    undone = planner.restore("a", before)
+    assert undone.page_ids == list(range(100, 100 + second.pages_needed)) and undone.compactions == 2
+    assert planner.spans["a"] is before and planner.compactions("a") == 1
+    assert planner.restore("a", None) is before and "a" not in planner.spans
 
 
 def test_no_plan_that_frees_nothing():

@@ -25,7 +25,12 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 from vllm_compact.config import ENV_VAR, CompactionConfig  # noqa: E402
-from vllm_compact.integration.scheduler import CompactionScheduler, compaction_step  # noqa: E402
+from vllm_compact.core.plan import CompactionReport  # noqa: E402
+from vllm_compact.integration.scheduler import (  # noqa: E402
+    CompactionModelRunnerOutput,
+    CompactionScheduler,
+    compaction_step,
+)
 
 BLOCK, TOKEN, STOP = 16, 7, 9
 
@@ -62,16 +67,20 @@ class Harness:
         self.output = self.sched.schedule()
         return compaction_step(self.output)
 
-    def answer(self, stop: tuple[str, ...] = ()) -> None:
-        """The model's output for the last scheduled step: a token for each request past its prompt."""
+    def answer(self, stop: tuple[str, ...] = (), failed: tuple[str, ...] = ()) -> None:
+        """The model's output for the last scheduled step: a token for each request past its prompt, and the
+        worker's report that the plans of `failed` could not be carried out."""
         ids = list(self.output.num_scheduled_tokens)
         sampled = []
         for req_id in ids:
             request = self.sched.requests.get(req_id)
             done_prefill = request is not None and request.num_computed_tokens >= request.num_prompt_tokens
             sampled.append([STOP if req_id in stop else TOKEN] if done_prefill else [])
-        self.sched.update_from_output(self.output, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled))
+        output = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                   sampled_token_ids=sampled)
+        if failed:
+            output = CompactionModelRunnerOutput.of(output, CompactionReport(failed=failed))
+        self.sched.update_from_output(self.output, output)
 
     def step(self, stop: tuple[str, ...] = ()):
         plan = self.schedule()
@@ -170,5 +179,38 @@ def test_a_request_preempted_in_the_step_that_planned_its_compaction_returns_eve
     assert plan is None or all(p.req_id != "a" for p in plan.plans)
     assert "a" not in h.sched.planner.spans
     h.answer()
+    h.run_to_the_end()
+    h.assert_everything_returned()
+
+
+@pytest.mark.parametrize("compaction", ["first", "second"])
+def test_a_plan_the_worker_could_not_carry_out_gives_the_request_back_its_pages(compaction, monkeypatch,
+                                                                               tiny_model_path):
+    """The worker reports a plan failed: the request's block table, its span (the old segment for a re-compaction)
+    and the pool are as before the plan, less only what the step itself allocated; the next plan succeeds."""
+    _config(monkeypatch)
+    h = Harness(tiny_model_path, num_blocks=64)
+    request = h.add("a", prompt_tokens=200, max_tokens=150)
+    if compaction == "second":
+        h.until_plan_for("a")
+        h.answer()
+    blocks = h.sched._req_blocks("a")
+    for _ in range(500):
+        before, free_before, span_before = list(blocks), h.pool.get_num_free_blocks(), h.sched.planner.spans.get("a")
+        plan = h.schedule()
+        if plan is not None and any(p.req_id == "a" for p in plan.plans):
+            break
+        h.answer()
+    planned = next(p for p in plan.plans if p.req_id == "a")
+    assert all(blocks[i].is_null for i in range(planned.prev_end_block, planned.end_block))
+    h.answer(failed=("a",))
+    grown = len(blocks) - len(before)  # pages vLLM gave the request for this step's token
+    assert [b.block_id for b in blocks[: len(before)]] == [b.block_id for b in before]
+    assert h.sched.planner.spans.get("a") is span_before
+    assert h.pool.get_num_free_blocks() == free_before - grown
+    assert h.sched.compaction_stats.rollbacks == 1
+    h.until_plan_for("a")
+    h.answer()
+    assert h.sched.compactions(request) == (2 if compaction == "second" else 1)
     h.run_to_the_end()
     h.assert_everything_returned()

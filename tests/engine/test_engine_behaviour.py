@@ -161,8 +161,7 @@ def test_failing_solves_never_lose_a_request(tiny_model_path, tmp_path):
 
 def test_failing_page_reads_and_writes_never_lose_a_request(tiny_model_path, tmp_path):
     """Reading the source pages or writing the compact pages raises (half the time, test-only switch): the plan is
-    retried alone, then redone as the newest keys, every request finishes with finite log-probs and every page
-    returns."""
+    retried alone, then undone; every request finishes with finite log-probs and every page returns."""
     result = run_scenario(_every_method_scenario(tiny_model_path), tmp_path,
                           env={"VLLM_COMPACT_FAULTS": "rate=0.5,seed=2,sites=gather+write"})
     stats = result["stats"]
@@ -171,6 +170,32 @@ def test_failing_page_reads_and_writes_never_lose_a_request(tiny_model_path, tmp
     for method, record in result["requests"].items():
         assert len(record["token_ids"]) == 24, method
         assert all(math.isfinite(lp) for step in record["logprobs"] for lp in step.values()), method
+    assert stats["free_final"] == stats["free_initial"]
+
+
+def test_a_compaction_that_always_fails_leaves_the_request_as_stock_vllm_serves_it(tiny_model_path, tmp_path):
+    """Every solve, page read and page write raises: each plan is undone (the scheduler still held the source
+    pages), the request goes on with its full KV, and its tokens and log-probs are stock vLLM's. After a few
+    failures in a row the request is served without compaction."""
+    engine = {"block_size": BLOCK, "max_num_batched_tokens": 256, "max_model_len": 1024}
+    requests = [{"id": f"r{i}", "prompt_token_ids": _prompt(n, 40 + i), "max_tokens": 48, "logprobs": 3}
+                for i, n in enumerate((300, 420))]
+    stock = run_scenario({"model": tiny_model_path, "compaction": None, "engine": engine, "requests": requests},
+                         tmp_path / "stock")
+    compaction = {"trigger_tokens": 64, "recent_window_tokens": 32, "protected_initial_tokens": 1, "ratio": 4}
+    failing = run_scenario({"model": tiny_model_path, "compaction": compaction, "engine": engine,
+                            "requests": requests}, tmp_path / "failing",
+                           env={"VLLM_COMPACT_FAULTS": "rate=1,seed=0,sites=solve+gather+write"})
+    stats = failing["stats"]
+    assert stats["worker"]["compactions"] == 0 and stats["worker"]["faults_injected"] > 0
+    assert stats["scheduler"]["rollbacks"] == stats["scheduler"]["plans"] == 3 * len(requests)
+    assert stats["scheduler"]["pages_freed"] == 0 and stats["scheduler"]["tokens_compacted"] == 0
+    for rid, rec in stock["requests"].items():
+        other = failing["requests"][rid]
+        assert other["token_ids"] == rec["token_ids"], rid
+        for a, b in zip(rec["logprobs"], other["logprobs"]):
+            assert a.keys() == b.keys()
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-5
     assert stats["free_final"] == stats["free_initial"]
 
 

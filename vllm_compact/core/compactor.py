@@ -11,7 +11,7 @@ import torch
 from vllm_compact.am import HeadBatch, compact_heads, method_class
 from vllm_compact.core.compact_pages import page_view, read_head, write_layer
 from vllm_compact.core.faults import FaultInjector
-from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
+from vllm_compact.core.plan import CompactionReport, CompactionStep, RequestCompactionPlan
 from vllm_compact.core.state import CompactSegment, WorkerCompactionState
 from vllm_compact.core.stock_pages import StockBlockLayout
 
@@ -157,35 +157,45 @@ class SegmentCompactor:
             )
             betas.append(torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous())
             if faults and layer == 0:
-                self.faults.check("write")  # a failure halfway: the private pages are rewritten by the retry
+                self.faults.check("write")  # a failure halfway: the pages are private to the plan
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
 
-    def execute(self, step: CompactionStep) -> None:
-        """Every plan ends with a written segment: the scheduler has already given its source pages back."""
+    def execute(self, step: CompactionStep) -> CompactionReport:
+        """Every plan ends with its segment written, or listed as failed with nothing changed (the scheduler still
+        holds its source pages and gives them back to the request). A plan whose source pages were released at
+        planning cannot be undone: its last resort is the newest keys of the span, a copy that needs no solve."""
         by_method: dict[str, list[RequestCompactionPlan]] = {}
         for plan in step.plans:
             reservoir = self.state.reservoirs.get(plan.req_id)
             has_queries = reservoir is not None and reservoir.size > 0
             method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
             by_method.setdefault(method, []).append(plan)
+        failed: list[str] = []
         for method, plans in by_method.items():
             try:
                 self._execute_batch(method, plans)
-            except Exception:  # noqa: BLE001 - a step with several requests: retry each alone, then evict
+            except Exception:  # noqa: BLE001 - a step with several requests: retry each alone
                 logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
-                for plan in plans:
-                    self._execute_alone(method, plan)
+                failed.extend(plan.req_id for plan in plans if not self._execute_alone(method, plan))
+        self.state.stats.faults_injected = self.faults.injected
+        return CompactionReport(failed=tuple(failed))
 
-    def _execute_alone(self, method: str, plan: RequestCompactionPlan) -> None:
+    def _execute_alone(self, method: str, plan: RequestCompactionPlan) -> bool:
         try:
             self._execute_batch(method, [plan])
-        except Exception:  # noqa: BLE001 - last resort: the newest keys of the span, a copy that needs no solve
-            logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
+            return True
+        except Exception:  # noqa: BLE001 - contained: see execute()
             self.state.stats.failures += 1
+            if not plan.sources_released:
+                logger.exception("vllm-compact: compaction of %s failed; it stays uncompacted", plan.req_id)
+                return False
+            logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
             self._execute_batch("recent", [plan], faults=False)
+            return True
 
     def _execute_batch(self, method: str, plans: list[RequestCompactionPlan], faults: bool = True) -> None:
-        """Every (request, layer, KV head) of these plans in one call of the AM core."""
+        """Every (request, layer, KV head) of these plans in one call of the AM core; segments are installed only
+        once every plan's pages are written."""
         started = time.perf_counter()
         inputs: list[_HeadInput] = []
         for plan in plans:
@@ -200,7 +210,6 @@ class SegmentCompactor:
             self.state.segments[plan.req_id] = segment
         self.state.stats.compactions += len(plans)
         self.state.stats.heads_fell_back += int(result.fell_back.sum())
-        self.state.stats.faults_injected = self.faults.injected
         self.state.stats.seconds.append(time.perf_counter() - started)
 
 

@@ -2,8 +2,9 @@
 
 `VLLM_COMPACT_FAULTS="rate=0.2,seed=0"`: each solve raises (half the faults) or returns NaN values (the other half)
 with probability `rate`. `sites=solve+gather+write` (default `solve`) also makes reading the source pages and
-writing the compact pages (after the first layer) raise with that probability. The compactor's last resort, a copy
-of the newest keys, is never faulted. Unset (always, outside tests and `bench reliability`), it does nothing.
+writing the compact pages (after the first layer) raise with that probability. A plan that fails every attempt is
+undone (the request keeps its uncompacted pages) or, under memory pressure, redone as a copy of the span's newest
+keys, which is never faulted. Unset (always, outside tests and `bench reliability`), it does nothing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What crosses the scheduler -> worker boundary (pickled inside SchedulerOutput)."""
+"""What crosses the scheduler <-> worker boundary: plans go out inside SchedulerOutput, the report comes back inside
+ModelRunnerOutput (both pickled)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ class RequestCompactionPlan:
     """Compact logical blocks [start_block, end_block) of one request into `dest_block_ids`.
 
     Blocks [start_block, prev_end_block) are already a compact segment (re-compaction folds it in with its beta);
-    `source_block_ids` hold the uncompacted blocks [prev_end_block, end_block). The scheduler has already freed the
-    source and previous compact pages in its pool; the worker reads them at the start of the step, before any KV of
-    the step is written (synchronous scheduling), then they may be reused.
+    `source_block_ids` hold the uncompacted blocks [prev_end_block, end_block). The scheduler holds the source and
+    previous compact pages until the worker's report says the compact pages are written; a plan the worker could not
+    carry out leaves the request exactly as it was (source pages in its block table, old segment in place). With
+    `sources_released` (memory pressure) they are already back in the pool: the worker reads them before the step
+    writes any KV (synchronous scheduling), and its last resort is a copy of the span's newest keys.
     """
 
     req_id: str
@@ -23,6 +26,7 @@ class RequestCompactionPlan:
     dest_block_ids: tuple[int, ...]
     head_budgets: tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads] compact entries per head
     method: str
+    sources_released: bool = False
 
     @property
     def logical_tokens(self) -> int:
@@ -35,3 +39,10 @@ class CompactionStep:
     """All compaction work of one engine step."""
 
     plans: list[RequestCompactionPlan] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What the worker did with a step's plans: every plan not listed in `failed` has its segment written."""
+
+    failed: tuple[str, ...] = ()  # req_ids left uncompacted (their KV is still in the source pages)

@@ -51,6 +51,7 @@ class PagePlan:
     pages_freed: int  # net: new blocks + old pages - pages_needed (> 0)
     method: str
     new_tokens: int
+    release_now: bool = False  # under memory pressure: the step needs the freed pages, before the worker has run
 
 
 class CompactionPlanner:
@@ -91,21 +92,23 @@ class CompactionPlanner:
     def plan(
         self, requests: list[tuple[RequestLengths, CompactionConfig]], free_pages: int, under_pressure: bool
     ) -> list[PagePlan]:
-        """Plans for this step, largest gain first, each fitting in the pages left by the ones before. Records
-        every planned request's new span (call `forget` when a request releases its pages)."""
+        """Plans for this step, largest gain first, each fitting in the pages left by the ones before. The pages a
+        plan frees come back once the worker has written it, or, under pressure, at once (`release_now`). Records
+        every planned request's new span (call `restore` to undo a plan, `forget` when a request releases its
+        pages)."""
         due = [(r, cfg, blocks) for r, cfg in requests if (blocks := self._due(r, cfg, under_pressure)) is not None]
         due.sort(key=lambda item: item[2][2] - item[2][1], reverse=True)
         plans = []
         for request, cfg, (start, prev_end, end) in due:
-            plan = self._plan_one(request.req_id, cfg, start, prev_end, end, free_pages)
+            plan = self._plan_one(request.req_id, cfg, start, prev_end, end, free_pages, under_pressure)
             if plan is None:
                 continue
-            free_pages += plan.pages_freed
+            free_pages += plan.pages_freed if under_pressure else -plan.pages_needed
             plans.append(plan)
         return plans
 
     def _plan_one(self, req_id: str, cfg: CompactionConfig, start: int, prev_end: int, end: int,
-                  free_pages: int) -> PagePlan | None:
+                  free_pages: int, release_now: bool) -> PagePlan | None:
         bs = self.block_size
         span = self.spans.get(req_id)
         new_tokens = (end - prev_end) * bs
@@ -116,7 +119,8 @@ class CompactionPlanner:
         freed = end - prev_end + old_pages - pages_needed
         if freed <= 0 or pages_needed > free_pages:
             return None
-        return PagePlan(req_id, start, prev_end, end, budgets, pages_needed, freed, cfg.method, new_tokens)
+        return PagePlan(req_id, start, prev_end, end, budgets, pages_needed, freed, cfg.method, new_tokens,
+                        release_now)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
 
@@ -125,6 +129,14 @@ class CompactionPlanner:
         span = self.spans.get(plan.req_id)
         self.spans[plan.req_id] = CompactedSpan(plan.start_block, plan.end_block, page_ids, plan.head_budgets,
                                                 compactions=span.compactions + 1 if span else 1)
+
+    def restore(self, req_id: str, span: CompactedSpan | None) -> CompactedSpan | None:
+        """Undo the request's last `record` (the worker could not write it): its span is `span` again. Returns the
+        span the undone plan had made."""
+        undone = self.spans.pop(req_id, None)
+        if span is not None:
+            self.spans[req_id] = span
+        return undone
 
     def forget(self, req_id: str) -> CompactedSpan | None:
         """The request released its pages (finished, aborted or preempted); returns the span it held."""

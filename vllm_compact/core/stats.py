@@ -11,9 +11,9 @@ class SchedulerCompactionStats:
     tokens_compacted: int = 0
     pages_freed: int = 0
     pressure_steps: int = 0
+    rollbacks: int = 0  # plans the worker could not carry out: the request kept its pages
 
-    def record_plan(self, tokens: int, pages_freed: int) -> None:
-        self.plans += 1
+    def record_written(self, tokens: int, pages_freed: int) -> None:
         self.tokens_compacted += tokens
         self.pages_freed += pages_freed
 

@@ -32,6 +32,7 @@ class SchedulerStats(TypedDict):
     tokens_compacted: int
     pages_freed: int
     pressure_steps: int
+    rollbacks: int  # plans undone because the worker could not write them (the request kept its pages)
 
 
 class SecondsHistogram(TypedDict):

@@ -1,29 +1,39 @@
 """Scheduler side of compaction: decide which requests shrink, move their pages, attach plans to the step.
 
-Planning happens BEFORE vLLM schedules the step, so pages freed by compaction are available to this very step
-(this is how memory pressure turns into compaction instead of preemption). Only pages that were full before the
-step are compacted, and the worker executes the plans before the step writes any KV (synchronous scheduling).
+Planning happens BEFORE vLLM schedules the step: the destination pages come from the pool and the compacted blocks
+leave the request's block table. Only pages that were full before the step are compacted, and the worker executes
+the plans before the step writes any KV (synchronous scheduling). The source pages (and a re-compacted segment's old
+pages) go back to the pool only when the step's output reports the compact pages written; a plan the worker could not
+carry out is undone, and the request goes on with the pages it had. Under memory pressure this very step needs the
+pages, so they are freed at planning; the worker's last resort for such a plan is a copy of the span's newest keys
+(core/compactor.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+
 from vllm.logger import init_logger
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.budgets import HeadBudgetPolicy
-from vllm_compact.core.plan import CompactionStep, RequestCompactionPlan
-from vllm_compact.core.planner import CompactionPlanner, PagePlan, RequestLengths
+from vllm_compact.core.plan import CompactionReport, CompactionStep, RequestCompactionPlan
+from vllm_compact.core.planner import CompactedSpan, CompactionPlanner, PagePlan, RequestLengths
 from vllm_compact.core.request_overrides import request_config
 from vllm_compact.core.stats import SchedulerCompactionStats
 from vllm_compact.core.stats_file import StatsFileWriter, worker_stats
 from vllm_compact.head_table import read_model_config, resolve_head_budgets
 
 logger = init_logger(__name__)
+
+# A request whose compaction the worker fails this many times in a row is served uncompacted from then on.
+MAX_ROLLBACKS = 3
 
 
 @dataclass
@@ -42,6 +52,34 @@ def compaction_step(output: SchedulerOutput) -> CompactionStep | None:
     return output.kv_compaction if isinstance(output, CompactionSchedulerOutput) else None
 
 
+@dataclass
+class CompactionModelRunnerOutput(ModelRunnerOutput):
+    """vLLM's step result with the worker's report on this step's plans (pickled back to the scheduler with it)."""
+
+    kv_compaction: CompactionReport | None = None
+
+    @classmethod
+    def of(cls, output: ModelRunnerOutput, report: CompactionReport) -> CompactionModelRunnerOutput:
+        return cls(**{f.name: getattr(output, f.name) for f in fields(ModelRunnerOutput)}, kv_compaction=report)
+
+
+def compaction_report(output: ModelRunnerOutput) -> CompactionReport:
+    """The worker's report; an output without one (no compaction worker, e.g. a hand-driven scheduler) failed
+    nothing."""
+    report = output.kv_compaction if isinstance(output, CompactionModelRunnerOutput) else None
+    return report or CompactionReport()
+
+
+@dataclass
+class HeldPages:
+    """A planned compaction's pages, until the worker reports: the source blocks (logical order) and the span before
+    the plan (its pages, for a re-compaction)."""
+
+    plan: PagePlan
+    source: list[KVCacheBlock]
+    old_span: CompactedSpan | None
+
+
 class CompactionScheduler(Scheduler):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +95,8 @@ class CompactionScheduler(Scheduler):
             self.compaction_active = False
         self.compaction_stats = SchedulerCompactionStats()
         self._request_configs: dict[str, CompactionConfig] = {}
+        self._held: dict[str, HeldPages] = {}
+        self._rollbacks: dict[str, int] = {}
         self.stats_writer = StatsFileWriter.from_env() if self.compaction_active else None
         if self.compaction_active:
             model_config = self.vllm_config.model_config
@@ -138,19 +178,23 @@ class CompactionScheduler(Scheduler):
         return plans
 
     def _move_pages(self, plan: PagePlan) -> RequestCompactionPlan:
-        """Carry out a page plan on vLLM's block pool: fresh pages for the segment, the compacted blocks and the
-        old segment's pages back to the pool (the worker reads them before this step writes any KV)."""
+        """Carry out a page plan on vLLM's block pool: fresh pages for the segment; the compacted blocks leave the
+        request's table and are held, with the old segment's pages, until the worker reports (`_settle`), or freed
+        now under memory pressure."""
         pool = self._block_pool
         old = self.planner.spans.get(plan.req_id)
-        # Destination pages first, so they can never alias a source page the worker still has to read.
         dest = pool.get_new_blocks(plan.pages_needed)
         blocks = self._req_blocks(plan.req_id)
         source = blocks[plan.prev_end_block : plan.end_block]
         for i in range(plan.prev_end_block, plan.end_block):
             blocks[i] = pool.null_block
-        pool.free_blocks(source + [pool.blocks[i] for i in (old.page_ids if old else [])])
+        if plan.release_now:
+            pool.free_blocks(source + self._span_blocks(old))
+            self.compaction_stats.record_written(plan.new_tokens, plan.pages_freed)
+        else:
+            self._held[plan.req_id] = HeldPages(plan, source, old)
         self.planner.record(plan, [b.block_id for b in dest])
-        self.compaction_stats.record_plan(plan.new_tokens, plan.pages_freed)
+        self.compaction_stats.plans += 1
         return RequestCompactionPlan(
             req_id=plan.req_id,
             start_block=plan.start_block,
@@ -160,7 +204,43 @@ class CompactionScheduler(Scheduler):
             dest_block_ids=tuple(b.block_id for b in dest),
             head_budgets=plan.head_budgets,
             method=plan.method,
+            sources_released=plan.release_now,
         )
+
+    # ---- the worker's report ----------------------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
+        step = compaction_step(scheduler_output)
+        if step is not None:
+            self._settle(step, compaction_report(model_runner_output))
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _settle(self, step: CompactionStep, report: CompactionReport) -> None:
+        """Free what each written plan replaced; undo each failed one. A request that ended since its plan was made
+        has settled its held pages already (`_free_request_blocks`)."""
+        pool = self._block_pool
+        for plan in step.plans:
+            held = self._held.pop(plan.req_id, None)
+            if held is None:
+                continue
+            if plan.req_id not in report.failed:
+                pool.free_blocks(held.source + self._span_blocks(held.old_span))
+                self.compaction_stats.record_written(held.plan.new_tokens, held.plan.pages_freed)
+                self._rollbacks.pop(plan.req_id, None)
+                continue
+            blocks = self._req_blocks(plan.req_id)
+            blocks[plan.prev_end_block : plan.end_block] = held.source
+            pool.free_blocks(self._span_blocks(self.planner.restore(plan.req_id, held.old_span)))
+            self.compaction_stats.rollbacks += 1
+            self._rollbacks[plan.req_id] = self._rollbacks.get(plan.req_id, 0) + 1
+            if self._rollbacks[plan.req_id] >= MAX_ROLLBACKS:
+                logger.error("vllm-compact: request %s failed to compact %d times; serving it without compaction",
+                             plan.req_id, MAX_ROLLBACKS)
+                cfg = self._request_configs.get(plan.req_id, self.compaction_config)
+                self._request_configs[plan.req_id] = cfg.model_copy(update={"enabled": False})
+
+    def _span_blocks(self, span: CompactedSpan | None) -> list[KVCacheBlock]:
+        return [self._block_pool.blocks[i] for i in span.page_ids] if span is not None else []
 
     # ---- release ----------------------------------------------------------------------------------------------
 
@@ -172,9 +252,15 @@ class CompactionScheduler(Scheduler):
                 self.stats_writer.forget_request(request.request_id)
         if request.is_finished():
             self._request_configs.pop(request.request_id, None)
-        span = self.planner.forget(request.request_id) if self.compaction_active else None
-        if span is not None:
-            self._block_pool.free_blocks([self._block_pool.blocks[i] for i in span.page_ids])
+            self._rollbacks.pop(request.request_id, None)
+        if self.compaction_active:
+            # Ended before its plan was answered (preempted inside the planning schedule(), or aborted): the plan
+            # never runs or is dropped, so the held pages simply go back with the rest.
+            held = self._held.pop(request.request_id, None)
+            pages = self._span_blocks(self.planner.forget(request.request_id))
+            if held is not None:
+                pages += held.source + self._span_blocks(held.old_span)
+            self._block_pool.free_blocks(pages)
         super()._free_request_blocks(request)
 
     # ---- accounting -------------------------------------------------------------------------------------------

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.integration.block_probe import stock_block_layout
-from vllm_compact.integration.scheduler import compaction_step
+from vllm_compact.core.plan import CompactionReport
+from vllm_compact.integration.scheduler import CompactionModelRunnerOutput, compaction_step
 from vllm_compact.core.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
 
@@ -28,6 +30,8 @@ class CompactionCPUModelRunner(CPUModelRunner):
     _compactor: SegmentCompactor | None = None
     # The worker may live in another process than the scheduler (API server): its counters get their own file.
     _stats_file: WorkerStatsFileWriter | None = None
+    # This step's report, until it rides back on the step's output (execute_model's or sample_tokens').
+    _report: CompactionReport | None = None
 
     def _bind_compaction(self) -> SegmentCompactor:
         state = worker_state()
@@ -61,10 +65,20 @@ class CompactionCPUModelRunner(CPUModelRunner):
             state.drop(getattr(scheduler_output, "preempted_req_ids", None) or ())
             step = compaction_step(scheduler_output)
             if step is not None:
-                self._compactor.execute(step)
+                self._report = self._compactor.execute(step)
             if self._stats_file is not None:
                 self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None)
-        return super().execute_model(scheduler_output, intermediate_tensors)
+        return self._with_report(super().execute_model(scheduler_output, intermediate_tensors))
+
+    def sample_tokens(self, *args, **kwargs):
+        return self._with_report(super().sample_tokens(*args, **kwargs))
+
+    def _with_report(self, output):
+        """The step's output, carrying the report of the plans executed at its start (if any)."""
+        if self._report is None or not isinstance(output, ModelRunnerOutput):
+            return output
+        report, self._report = self._report, None
+        return CompactionModelRunnerOutput.of(output, report)
 
 
 class CompactionCPUWorker(CPUWorker):

@@ -18,6 +18,7 @@ from vllm_compact.benchmarks.reliability.outcomes import breakdown, is_lost, sum
 from vllm_compact.benchmarks.reliability.report import markdown
 from vllm_compact.benchmarks.reliability.request_specs import make_specs, parse_rules, token_source
 from vllm_compact.benchmarks.reliability.server import (
+    fault_switch,
     get_json,
     idle_stats,
     log_counts,
@@ -63,9 +64,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     server = p.add_argument_group("--start-server")
     server.add_argument("--fault-rate", type=float, default=0.25,
-                        help="VLLM_COMPACT_FAULTS rate: share of compaction solves that raise or return NaN "
-                             "(default: %(default)s)")
+                        help="VLLM_COMPACT_FAULTS rate: share of compaction solves that raise or return NaN, and "
+                             "of page reads and writes that raise (default: %(default)s)")
     server.add_argument("--fault-seed", type=int, default=0, help="VLLM_COMPACT_FAULTS seed (default: %(default)s)")
+    server.add_argument("--fault-sites", default="solve+gather+write",
+                        help="VLLM_COMPACT_FAULTS sites, '+'-separated among solve, gather (reading the source "
+                             "pages), write (writing the compact pages) (default: %(default)s)")
     server.add_argument("--trigger", type=int, default=256, help="--kv-compaction-trigger (default: %(default)s)")
     server.add_argument("--recent-window", type=int, default=64,
                         help="--kv-compaction-recent-window (default: %(default)s)")
@@ -114,7 +118,7 @@ def main(argv: list[str]) -> int:
         log_path = Path(args.server_log or out_path.with_name(out_path.stem + "_server.log"))
         process, base_url, cmd = start_server(args, log_path)
         server_info = {"command": shlex.join(["vllm-compact", *cmd[1:]]),
-                       "env": f"VLLM_COMPACT_FAULTS=rate={args.fault_rate},seed={args.fault_seed}",
+                       "env": f"VLLM_COMPACT_FAULTS={fault_switch(args)}",
                        "log": str(log_path)}
     else:
         base_url = args.base_url.rstrip("/")

@@ -149,6 +149,7 @@ def summarise(specs: list[RequestSpec], outcomes: list[Outcome], stats_start: di
         "failures": delta("failures"),
         "plans": scheduler_delta("plans"),
         "pressure_steps": scheduler_delta("pressure_steps"),
+        "rollbacks": scheduler_delta("rollbacks"),
         "answers_compacted": sum((o.compactions or 0) > 0 for o in with_usage),
         "answers_with_kv_usage": len(with_usage),
         "free_pages_start": f0,

@@ -28,7 +28,8 @@ def markdown(result: dict) -> str:
               f"(pool: {result['stats_end']['pool']['total_pages'] if result.get('stats_end') else '?'} pages). "
               f"Steps under memory pressure: {s.get('pressure_steps')}; preemptions (vLLM /metrics): "
               f"{s.get('preemptions')}. "
-              f"Compactions that needed a fallback: {s['failures']}. Invalid requests sent: {s['invalid_sent']} "
+              f"Compactions that needed a fallback or were undone: {s['failures']}; plans undone (the request "
+              f"kept its pages and went on uncompacted): {s.get('rollbacks')}. Invalid requests sent: {s['invalid_sent']} "
               f"(accepted: {s['invalid_accepted']}; rejections naming the offending key in error.param: "
               f"{s['rejections_naming_the_key']} of {s['invalid_with_a_key']}). Answers whose usage.kv_compaction shows a compaction: "
               f"{s['answers_compacted']} of {s['answers_with_kv_usage']} that carry it.", "",
@@ -56,9 +57,10 @@ def _log_line(server: dict | None) -> list[str]:
     return [f"Server log until it was stopped: {counts['tracebacks']} tracebacks ({counts['faults_raised']} "
             f"injected raises, {counts['non_finite_results']} non-finite results (the injected NaN), "
             f"{counts['fallbacks_logged']} solves falling back to another method, "
-            f"{counts['all_methods_failed']} batches where every method failed and "
-            f"{counts['kept_newest_keys']} requests kept their newest keys), {counts['engine_dead']} EngineDeadError, "
-            f"{counts['http_500_lines']} HTTP 500.", ""]
+            f"{counts['all_methods_failed']} batches where every method failed, "
+            f"{counts.get('left_uncompacted', 0)} plans left uncompacted and "
+            f"{counts['kept_newest_keys']} kept their newest keys under memory pressure), "
+            f"{counts['engine_dead']} EngineDeadError, {counts['http_500_lines']} HTTP 500.", ""]
 
 
 def _pct(share: float | None) -> str:

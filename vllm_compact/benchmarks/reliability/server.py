@@ -96,7 +96,7 @@ def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.P
 
     port = _free_port()
     cmd = server_command(args, port)
-    env = {**os.environ, "VLLM_COMPACT_FAULTS": f"rate={args.fault_rate},seed={args.fault_seed}",
+    env = {**os.environ, "VLLM_COMPACT_FAULTS": fault_switch(args),
            "HF_HUB_OFFLINE": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -129,12 +129,18 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
+def fault_switch(args) -> str:
+    """The VLLM_COMPACT_FAULTS value the started server gets (core/faults.py)."""
+    return f"rate={args.fault_rate},seed={args.fault_seed},sites={args.fault_sites}"
+
+
 LOG_MARKERS = {
     "tracebacks": "Traceback (most recent call last)",
     "faults_raised": "InjectedFault: injected compaction fault",
     "non_finite_results": "FloatingPointError: ",
     "fallbacks_logged": "failed; falling back",
     "all_methods_failed": "RuntimeError: every compaction method failed",
+    "left_uncompacted": "it stays uncompacted",
     "kept_newest_keys": "keeping its newest keys",
     "engine_dead": "EngineDeadError",
     "http_500_lines": '" 500 ',
