@@ -213,7 +213,10 @@ class CompactionScheduler(Scheduler):
         step = compaction_step(scheduler_output)
         if step is not None:
             self._settle(step, compaction_report(model_runner_output))
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if step is not None and self.stats_writer is not None:
+            self._export_stats(force=True)  # the settled counters, before the engine may go idle
+        return outputs
 
     def _settle(self, step: CompactionStep, report: CompactionReport) -> None:
         """Free what each written plan replaced; undo each failed one. A request that ended since its plan was made
