@@ -36,6 +36,11 @@ logger = init_logger(__name__)
 MAX_ROLLBACKS = 3
 
 
+def _extended(cls, base: type, obj, **extra):
+    """`obj` (a `base` dataclass) as its subclass `cls`, with `extra` declared fields set."""
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(base)}, **extra)
+
+
 @dataclass
 class CompactionSchedulerOutput(SchedulerOutput):
     """vLLM's step output with this step's compaction work as a declared field (pickled to the workers with it)."""
@@ -44,7 +49,7 @@ class CompactionSchedulerOutput(SchedulerOutput):
 
     @classmethod
     def of(cls, output: SchedulerOutput, step: CompactionStep) -> CompactionSchedulerOutput:
-        return cls(**{f.name: getattr(output, f.name) for f in fields(SchedulerOutput)}, kv_compaction=step)
+        return _extended(cls, SchedulerOutput, output, kv_compaction=step)
 
 
 def compaction_step(output: SchedulerOutput) -> CompactionStep | None:
@@ -60,7 +65,7 @@ class CompactionModelRunnerOutput(ModelRunnerOutput):
 
     @classmethod
     def of(cls, output: ModelRunnerOutput, report: CompactionReport) -> CompactionModelRunnerOutput:
-        return cls(**{f.name: getattr(output, f.name) for f in fields(ModelRunnerOutput)}, kv_compaction=report)
+        return _extended(cls, ModelRunnerOutput, output, kv_compaction=report)
 
 
 def compaction_report(output: ModelRunnerOutput) -> CompactionReport:
