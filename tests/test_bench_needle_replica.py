@@ -22,3 +22,21 @@ def test_configurations_parse_to_method_options() -> None:
 def test_a_configuration_needs_a_ratio() -> None:
     with pytest.raises(ValueError):
         parse_config("snapkv")
+
+
+def test_question_after_feeds_exactly_the_question_after_the_compaction() -> None:
+    from transformers import AutoTokenizer
+
+    from vllm_compact.benchmarks.needle_replica import tokens_after
+    from vllm_compact.data.needle import make_needle_prompt
+    from vllm_compact.models.registry import ensure_model
+
+    smollm2_tokenizer = AutoTokenizer.from_pretrained(ensure_model("smollm2-135m"))
+    needle = make_needle_prompt(smollm2_tokenizer, 2048, 0.5, "number", seed=1)
+    ids = smollm2_tokenizer.encode(needle.prompt, add_special_tokens=False)
+    assert tokens_after(smollm2_tokenizer, needle, ids, "end") == 1
+    n = tokens_after(smollm2_tokenizer, needle, ids, "after")
+    tail = smollm2_tokenizer.decode(ids[-n:])
+    assert needle.question in tail and needle.answer_prefix in tail
+    document = smollm2_tokenizer.decode(ids[:-n])
+    assert needle.question not in document and needle.needle in document

@@ -1,13 +1,17 @@
 """`vllm-compact bench needle-replica`: does the ANSWER survive one engine compaction, lever by lever (offline).
 
-An offline replica of the engine's compaction of a needle prompt with the question at the end: transformers
-captures post-RoPE keys/values and the queries of the prompt's last `--recent` tokens (the engine's reservoir, the
-question among them); the span between the protected head block and the recent window is compacted in one batched
-call; greedy decoding continues over [head ; compact entries with beta ; recent window] with the plain-torch
-reference forward at the original positions. A configuration is `METHOD:RATIO[:OPTION=VALUE...][:protect]`:
-options are the method's dataclass fields (`refit_values=0`, `follow_tokens=16`, `weight_bounds=1` for beta = 0,
-`ridge_grid=` for none), except `queries=SOURCES`, the reference queries (`after`, the engine's reservoir, by
-default; `after+context` adds the span's own queries, strided: queries spread over the whole prompt); `protect`
+An offline replica of the engine's compaction of a needle prompt: transformers captures post-RoPE keys/values and
+the queries of the document's last `--recent` tokens (the engine's reservoir); the span between the protected head
+block and the recent window is compacted in one batched call; greedy decoding continues over [head ; compact
+entries with beta ; recent window] with the plain-torch reference forward at the original positions. With
+`--question end` the question is part of the document (among the reservoir's queries: the engine compacting a
+fully prefilled prompt); with `--question after` it is fed only after the compaction (query-agnostic, as when the
+engine compacts during prefill or the question is a follow-up). A configuration is
+`METHOD:RATIO[:OPTION=VALUE...][:protect]`: options are the method's dataclass fields (`refit_values=0`,
+`follow_tokens=16`, `weight_bounds=1` for beta = 0, `ridge_grid=` for none), except `queries=SOURCES`, the
+reference queries joined by `+`: `after` (the engine's reservoir, the default), `context` (the span's own queries,
+strided: queries spread over the whole prompt), `repeat` (the paper's repeat-prefill: the span's queries when the
+model is asked to repeat it), `heldout` (the question's own queries with `--question after`: an oracle); `protect`
 forces the needle sentence's keys into every head (an oracle: is keeping the fact enough?).
 """
 
@@ -31,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", required=True, help="METHOD:RATIO[:OPTION=VALUE...][:protect]")
     p.add_argument("--protected", type=int, default=128, help="leading tokens never compacted (one vLLM CPU block)")
     p.add_argument("--recent", type=int, default=256, help="recent window (its queries are the reservoir)")
+    p.add_argument("--question", choices=("end", "after"), default="end",
+                   help="the question inside the compacted document's recent window, or fed after the compaction "
+                        "(default: %(default)s)")
     p.add_argument("--answer-tokens", type=int, default=10)
     p.add_argument("--out", default="bench/results/needle_replica.json")
     return p
@@ -52,8 +59,8 @@ def parse_config(config: str) -> tuple[str, float, dict, bool, str]:
     pairs = [p.partition("=") for p in rest if p and p != "protect"]
     options = {k: _option(k, v) for k, _, v in pairs if k != "queries"}
     queries = next((v for k, _, v in pairs if k == "queries"), "after")
-    if any(source not in ("after", "context", "repeat") for source in queries.split("+")):
-        raise ValueError(f"queries must be after, context or repeat joined by +, not {queries!r}")
+    if any(source not in ("after", "context", "repeat", "heldout") for source in queries.split("+")):
+        raise ValueError(f"queries must be after, context, repeat or heldout joined by +, not {queries!r}")
     return method, float(ratio), options, "protect" in rest, queries
 
 
@@ -65,6 +72,17 @@ def _needle_positions(tokenizer, ids: list[int], needle) -> list[int]:
     end = _find(ids, value) + len(value)
     sentence = len(tokenizer.encode(needle.needle, add_special_tokens=False))
     return list(range(end - sentence - 1, end + 2))
+
+
+def tokens_after(tokenizer, needle, ids: list[int], question: str) -> int:
+    """Prompt tokens fed over the compacted cache. end: the last one (the recent window before it holds the
+    question); after: the question and answer prefix (the prompt's last line)."""
+    if question == "end":
+        return 1
+    document = tokenizer.encode(needle.prompt[: needle.prompt.rindex("\n")], add_special_tokens=False)
+    if ids[: len(document)] != document:
+        raise ValueError("the question does not start on a token boundary")
+    return len(ids) - len(document)
 
 
 def main(argv: list[str]) -> int:
@@ -96,8 +114,8 @@ def main(argv: list[str]) -> int:
     for seed, depth in tqdm(prompts, desc="needle prompts", file=sys.stderr):
         needle = make_needle_prompt(tokenizer, args.context, depth, "number", seed=seed)
         ids = tokenizer.encode(needle.prompt, add_special_tokens=False)
-        # The last prompt token is decoded over the cache; the recent window before it holds the question.
-        replica = _Replica(model, reference, tokenizer, ids, 1, settings)
+        replica = _Replica(model, reference, tokenizer, ids, tokens_after(tokenizer, needle, ids, args.question),
+                           settings)
         positions = _needle_positions(tokenizer, ids, needle)
         for config in configs:
             with torch.no_grad():
@@ -112,13 +130,15 @@ def main(argv: list[str]) -> int:
             counts[config][1] += 1
             answers.append({"config": config, "seed": seed, "depth": needle.depth, "answer": needle.answer,
                             "completion": text, "hit": hit})
-    rows = [{"config": c, "model": args.model, "context_tokens": args.context, "question": "end", "hits": h,
+    rows = [{"config": c, "model": args.model, "context_tokens": args.context, "question": args.question, "hits": h,
              "total": n} for c, (h, n) in counts.items()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows, "answers": answers}, indent=1))
-    lines = ["# Does the answer survive one compaction? (offline replica, question at the end)", "",
-             f"Command: `vllm-compact bench needle-replica --context {args.context} --depths "
+    placement = "at the end" if args.question == "end" else "after the compaction"
+    lines = [f"# Does the answer survive one compaction? (offline replica, question {placement})", "",
+             f"Command: `vllm-compact bench needle-replica --question {args.question} --context {args.context} "
+             f"--depths "
              f"{' '.join(f'{d:g}' for d in args.depths)} --seeds {' '.join(map(str, args.seeds))} --configs "
              f"{' '.join(args.configs)}`; model {args.model}, protected {args.protected}, recent window "
              f"{args.recent}; {(time.perf_counter() - started) / 60:.1f} min.", "",
