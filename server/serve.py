@@ -39,6 +39,14 @@ def resolve_model(model: str | None) -> str | None:
     return model
 
 
+def served_model_names(requested: str, resolved: str, given: list[str] | str | None) -> list[str] | str | None:
+    """A registry name the user served (`smollm2-135m`) is also the name clients may send, beside its folder;
+    an explicit --served-model-name wins."""
+    if given is not None or requested == resolved:
+        return given
+    return [requested, resolved]
+
+
 def with_default_head_budgets(config: CompactionConfig, model: str | None, model_dir: str | None) -> CompactionConfig:
     """head_budget_file unset: the table shipped for the model (by registry name or config.json fingerprint) is
     written into the config, so the engine, /v1/compaction/config and the stats file all name it."""
@@ -105,6 +113,7 @@ def main(argv: list[str]) -> int:
     if args.model_tag is not None:
         args.model_tag = resolve_model(args.model_tag)
         args.model = args.model_tag
+        args.served_model_name = served_model_names(requested, args.model_tag, args.served_model_name)
     try:
         # The model is known now (fetched, from --config, ...); the model loads only in ServeSubcommand.cmd.
         check_head_budgets(config, local_model_dir(args.model), argv)

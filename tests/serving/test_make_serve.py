@@ -37,6 +37,7 @@ def test_make_serve_compacts_a_long_prompt_and_keeps_its_answer(tmp_path):
         assert "head budgets: calibrated table shipped for smollm2-135m" in log
         assert "dtype=torch.bfloat16" in log
         model = requests.get(f"{server.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
+        assert model == "smollm2-135m"  # the name `make serve` serves, what a client sends
         tokenizer = AutoTokenizer.from_pretrained(ensure_model("smollm2-135m"))
         needle = make_needle_prompt(tokenizer, CONTEXT_TOKENS, DEPTH, "number", seed=SEED)
 

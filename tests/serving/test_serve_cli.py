@@ -177,3 +177,11 @@ def test_an_unknown_model_leaves_the_shape_to_the_engine(head_files):
         HeadBudgetPolicy(num_layers=4, num_kv_heads=2, ratio=8.0, table_path=head_files["wrong_shape"])
     policy = HeadBudgetPolicy(num_layers=4, num_kv_heads=2, ratio=8.0, table_path=head_files["good"])
     assert abs(float(policy.table.sum()) - 1.0) < 1e-12 and float(policy.table[0, 1]) == 2 * float(policy.table[0, 0])
+
+
+def test_a_registry_name_is_served_under_that_name_beside_its_folder() -> None:
+    from vllm_compact.server.serve import served_model_names
+
+    assert served_model_names("smollm2-135m", "/cache/smollm2-135m", None) == ["smollm2-135m", "/cache/smollm2-135m"]
+    assert served_model_names("/models/x", "/models/x", None) is None  # a path stays vLLM's default
+    assert served_model_names("smollm2-135m", "/cache/smollm2-135m", ["mine"]) == ["mine"]  # the user's wins
