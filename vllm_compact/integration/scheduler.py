@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from vllm.v1.core.kv_cache_utils import KVCacheBlock
-
 from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
@@ -188,14 +187,14 @@ class CompactionScheduler(Scheduler):
         now under memory pressure."""
         pool = self._block_pool
         old = self.planner.spans.get(plan.req_id)
+        # Destination pages first, so they can never alias a source page the worker still has to read.
         dest = pool.get_new_blocks(plan.pages_needed)
         blocks = self._req_blocks(plan.req_id)
         source = blocks[plan.prev_end_block : plan.end_block]
         for i in range(plan.prev_end_block, plan.end_block):
             blocks[i] = pool.null_block
         if plan.release_now:
-            pool.free_blocks(source + self._span_blocks(old))
-            self.compaction_stats.record_written(plan.new_tokens, plan.pages_freed)
+            self._release_replaced(plan, source, old)
         else:
             self._held[plan.req_id] = HeldPages(plan, source, old)
         self.planner.record(plan, [b.block_id for b in dest])
@@ -232,8 +231,7 @@ class CompactionScheduler(Scheduler):
             if held is None:
                 continue
             if plan.req_id not in report.failed:
-                pool.free_blocks(held.source + self._span_blocks(held.old_span))
-                self.compaction_stats.record_written(held.plan.new_tokens, held.plan.pages_freed)
+                self._release_replaced(held.plan, held.source, held.old_span)
                 self._rollbacks.pop(plan.req_id, None)
                 continue
             blocks = self._req_blocks(plan.req_id)
@@ -249,6 +247,15 @@ class CompactionScheduler(Scheduler):
 
     def _span_blocks(self, span: CompactedSpan | None) -> list[KVCacheBlock]:
         return [self._block_pool.blocks[i] for i in span.page_ids] if span is not None else []
+
+    def _replaced_blocks(self, source: list[KVCacheBlock], old_span: CompactedSpan | None) -> list[KVCacheBlock]:
+        """What a plan replaces: its source blocks and, for a re-compaction, the old segment's pages."""
+        return source + self._span_blocks(old_span)
+
+    def _release_replaced(self, plan: PagePlan, source: list[KVCacheBlock], old_span: CompactedSpan | None) -> None:
+        """The plan's segment stands (written, or under pressure about to be): what it replaced goes to the pool."""
+        self._block_pool.free_blocks(self._replaced_blocks(source, old_span))
+        self.compaction_stats.record_written(plan.new_tokens, plan.pages_freed)
 
     # ---- release ----------------------------------------------------------------------------------------------
 
@@ -267,7 +274,7 @@ class CompactionScheduler(Scheduler):
             held = self._held.pop(request.request_id, None)
             pages = self._span_blocks(self.planner.forget(request.request_id))
             if held is not None:
-                pages += held.source + self._span_blocks(held.old_span)
+                pages += self._replaced_blocks(held.source, held.old_span)
             self._block_pool.free_blocks(pages)
         super()._free_request_blocks(request)
 

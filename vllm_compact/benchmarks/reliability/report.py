@@ -29,7 +29,8 @@ def markdown(result: dict) -> str:
               f"Steps under memory pressure: {s.get('pressure_steps')}; preemptions (vLLM /metrics): "
               f"{s.get('preemptions')}. "
               f"Compactions that needed a fallback or were undone: {s['failures']}; plans undone (the request "
-              f"kept its pages and went on uncompacted): {s.get('rollbacks')}. Invalid requests sent: {s['invalid_sent']} "
+              f"kept its pages and went on uncompacted): {s.get('rollbacks')}. "
+              f"Invalid requests sent: {s['invalid_sent']} "
               f"(accepted: {s['invalid_accepted']}; rejections naming the offending key in error.param: "
               f"{s['rejections_naming_the_key']} of {s['invalid_with_a_key']}). Answers whose usage.kv_compaction shows a compaction: "
               f"{s['answers_compacted']} of {s['answers_with_kv_usage']} that carry it.", "",
@@ -58,7 +59,7 @@ def _log_line(server: dict | None) -> list[str]:
             f"injected raises, {counts['non_finite_results']} non-finite results (the injected NaN), "
             f"{counts['fallbacks_logged']} solves falling back to another method, "
             f"{counts['all_methods_failed']} batches where every method failed, "
-            f"{counts.get('left_uncompacted', 0)} plans left uncompacted and "
+            f"{counts['left_uncompacted']} plans left uncompacted and "
             f"{counts['kept_newest_keys']} kept their newest keys under memory pressure), "
             f"{counts['engine_dead']} EngineDeadError, {counts['http_500_lines']} HTTP 500.", ""]
 
