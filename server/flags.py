@@ -36,6 +36,7 @@ COMPACTION_FLAGS: dict[str, str] = {
     "--kv-compaction-head-budgets": "head_budget_file",
     "--kv-compaction-max-reference-queries": "max_reference_queries",
     "--kv-compaction-value-ridge": "value_ridge",
+    "--kv-compaction-distinct-share": "distinct_share",
 }
 # Boolean fields get --flag / --no-flag.
 COMPACTION_SWITCHES: dict[str, str] = {

@@ -52,6 +52,14 @@ class CompactionConfig(BaseModel):
         "keys keep their values and only beta is fitted; values fitted on the recent window's queries lose facts "
         "that later queries read (bench needle-serving).",
     )
+    distinct_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of each head's budget kept for the keys least like the span's others (RoPE undone), "
+        "chosen without any query: facts a later question asks for survive a compaction made before it "
+        "(bench needle-replica). The rest goes to the keys the reference queries attend to.",
+    )
     head_budget_file: str | None = Field(
         None,
         description="JSON table of per-head budget proportions; unset: the table shipped for the model "
@@ -87,6 +95,17 @@ class CompactionConfig(BaseModel):
         return value
 
     # Per-request narrowing: vllm_compact.core.request_overrides.request_config (the one path).
+
+    def method_options(self, method: str) -> dict[str, object]:
+        """The options this config sets on a fitting method (eviction baselines keep their own defaults)."""
+        from vllm_compact.am.methods import method_class, method_options
+
+        if not method_class(method).fits:
+            return {}
+        options = {"value_ridge": self.value_ridge, "refit_values": self.refit_values,
+                   "distinct_share": self.distinct_share}
+        known = method_options(method)
+        return {name: value for name, value in options.items() if name in known}
 
     def to_env(self) -> str:
         return self.model_dump_json()

@@ -37,7 +37,8 @@ def _segment(g, num_kv_heads=2, dim=4, lanes=8):
     pages = torch.randn(4, lanes, 2, dim, generator=g)
     segment = CompactSegment(start_block=1, end_block=5, page_ids=torch.tensor([2, 0], dtype=torch.int32),
                              head_start=starts[None], head_len=lengths[None],
-                             beta=[torch.randn(int(lengths.sum()), generator=g)])
+                             beta=[torch.randn(int(lengths.sum()), generator=g)],
+                             positions=[torch.arange(int(lengths.sum()))])
     return segment, pages
 
 

@@ -32,12 +32,14 @@ def fetch_segments(worker, req_ids):
         seg = state.segments.get(req_id)
         if seg is None:
             continue
-        layers = []
+        layers, positions = [], []
         for layer, cache in enumerate(state.layer_caches):
             pages = page_view(cache)
-            layers.append([tuple(t.clone() for t in read_segment_head(seg, pages, layer, h))
-                           for h in range(seg.head_len.shape[1])])
-        out[req_id] = {"start_block": seg.start_block, "end_block": seg.end_block, "layers": layers}
+            heads = [read_segment_head(seg, pages, layer, h) for h in range(seg.head_len.shape[1])]
+            layers.append([(k.clone(), v.clone(), beta.clone()) for k, v, beta, _ in heads])
+            positions.append([pos.clone() for *_, pos in heads])
+        out[req_id] = {"start_block": seg.start_block, "end_block": seg.end_block, "layers": layers,
+                       "positions": positions}
     return out
 
 

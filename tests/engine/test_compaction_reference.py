@@ -146,6 +146,25 @@ def test_engine_logits_match_reference(compacted_run, reference, rid):
     assert checked_after > 10
 
 
+def test_compact_entries_keep_the_position_their_key_was_rotated_at(compacted_run, reference):
+    """Each entry's recorded position is that of the token whose key it holds (positions undo RoPE for key
+    distinctiveness): in every layer at the first compaction, which follows a full-context prefill; in layer 0,
+    whose keys depend only on the token and its position, at every re-compaction (old entries keep theirs)."""
+    record = compacted_run["requests"]["long"]
+    tokens = record["prompt_token_ids"] + record["token_ids"]
+    full = reference.new_cache()
+    reference.forward(tokens, list(range(len(tokens))), full)
+    checked = 0
+    for number, event in enumerate(record["events"]):
+        for layer in range(len(event["layers"]) if number == 0 else 1):
+            for head, (keys, _, _) in enumerate(event["layers"][layer]):
+                positions = event["positions"][layer][head]
+                assert bool((positions < event["end_block"] * BLOCK).all())
+                assert torch.allclose(keys.float(), full[layer].keys[head, positions], rtol=1e-3, atol=1e-3)
+                checked += len(positions)
+    assert len(record["events"]) >= 2 and checked > 100
+
+
 def test_reference_distinguishes_compaction(compacted_run, reference):
     """Guard: compaction changes the log-probs by far more than the tolerance, so the match above is meaningful."""
     record = compacted_run["requests"]["long"]

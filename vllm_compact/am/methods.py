@@ -40,10 +40,12 @@ from vllm_compact.am.selection import (
     attention_scores,
     carry_forward,
     gather_entries,
+    distinct_scores,
     mark_keys,
     max_pool_positions,
     recency_scores,
     top_budget,
+    top_budget_shared,
 )
 from vllm_compact.am.types import CompactedHeads, HeadBatch, concat_heads
 
@@ -97,11 +99,14 @@ class SnapKV(EvictionMethod):
     reduce: str = "rms"
     pool_kernel: int = 7
     follow_tokens: int = 0  # keys also keep the score of the follow_tokens keys before them (selection.carry_forward)
+    distinct_share: float = 0.0  # share of the budget chosen by key distinctiveness (selection.distinct_scores)
 
     def select(self, batch: HeadBatch) -> Tensor:
         scores = attention_scores(batch, self.reduce, self.pool_kernel)
         scores = carry_forward(scores, batch.key_valid(), self.follow_tokens)
-        return top_budget(scores, batch.key_valid(), batch.budget_per_head())
+        distinct = carry_forward(distinct_scores(batch), batch.key_valid(), self.follow_tokens) \
+            if self.distinct_share > 0 else scores
+        return top_budget_shared(scores, distinct, batch.key_valid(), batch.budget_per_head(), self.distinct_share)
 
 
 @register
@@ -252,6 +257,7 @@ class HighestAttention(AttentionMatching):
     # question's queries put ~0.1% of their mass on the needle's digits, the answer's writing queries 30-50%; this
     # keeps 84-95% of the digits in the heads the answer reads, against 15-27% without (bench needle-diagnosis).
     follow_tokens: int = 16
+    distinct_share: float = 0.0  # share of the budget chosen by key distinctiveness (selection.distinct_scores)
 
     def score_request(self, rows: QueryRows) -> ScoreRequest:
         return ScoreRequest(self.reduce, rows.fit)  # scored on the fit rows only: held-out rows stay unseen
@@ -261,7 +267,10 @@ class HighestAttention(AttentionMatching):
     ) -> Tensor:
         scores = max_pool_positions(reference.key_scores, visibility.key_valid, self.pool_kernel)
         scores = carry_forward(scores, visibility.key_valid, self.follow_tokens)
-        return top_budget(scores, visibility.key_valid, batch.budget_per_head())
+        if self.distinct_share <= 0:
+            return top_budget(scores, visibility.key_valid, batch.budget_per_head())
+        distinct = carry_forward(distinct_scores(batch), visibility.key_valid, self.follow_tokens)
+        return top_budget_shared(scores, distinct, visibility.key_valid, batch.budget_per_head(), self.distinct_share)
 
 
 @register

@@ -135,6 +135,34 @@ def recency_scores(batch: HeadBatch) -> Tensor:
     return torch.arange(n_keys, device=batch.device, dtype=torch.float64)[None, :].expand(batch.num_heads, n_keys)
 
 
+def distinct_scores(batch: HeadBatch) -> Tensor:
+    """[H,T] how unlike the span's other keys each key is: 1 - cosine similarity to the head's mean valid key
+    (KeyDiff, Park et al. 2025), on `content_keys` when given (RoPE undone), else on the stored keys.
+
+    Query-agnostic: a fact the essay never returns to (a name, a number) has keys that no later query of the essay
+    looks for, but they stand out from the essay's own keys. Rotated keys hide this: their similarity is mostly
+    that of their positions (SmolLM2 needle prompts, the needle's digit keys that rank
+    within a 10x budget: 14-21% of them on rotated keys, 34-36% unrotated, mean over heads)."""
+    keys = (batch.keys if batch.content_keys is None else batch.content_keys).float()
+    valid = batch.key_valid()
+    mean = (keys * valid[:, :, None]).sum(1) / valid.sum(1).clamp(min=1)[:, None].to(keys.dtype)
+    similarity = F.cosine_similarity(keys, mean[:, None, :].expand_as(keys), dim=-1)
+    return (1.0 - similarity).masked_fill(~valid, 0.0)
+
+
+def top_budget_shared(first: Tensor, second: Tensor, key_valid: Tensor, budget: Tensor, second_share: float) -> Tensor:
+    """[H, max budget]: floor(second_share x budget) keys by `second`, the rest by `first` (chosen first), disjoint,
+    ascending, -1 padded."""
+    if second_share <= 0:
+        return top_budget(first, key_valid, budget)
+    second_budget = torch.floor(budget.double() * second_share).long()
+    chosen = top_budget(first, key_valid, budget - second_budget)
+    taken = mark_keys(chosen, chosen >= 0, key_valid.shape[1])
+    added = top_budget(second, key_valid & ~taken, second_budget)
+    merged = sorted_with_padding(torch.cat([chosen, added], dim=1))
+    return merged[:, : max(1, int(budget.max()))]
+
+
 def all_keys(batch: HeadBatch) -> Tensor:
     """[H, max key_len] every valid key (the "none" method)."""
     key_len = batch.key_lengths()

@@ -30,6 +30,7 @@ class HeadBatch:
     key_bias: Tensor | None = None  # [H,T] fp32 existing beta (re-compaction)
     query_pos: Tensor | None = None  # [H,N] int64 } causal mask for the span's own queries
     key_pos: Tensor | None = None  # [H,T] int64 }
+    content_keys: Tensor | None = None  # [H,T,D] the keys with RoPE undone (am.rotary), for position-free scores
 
     @property
     def num_heads(self) -> int:
@@ -73,6 +74,8 @@ class HeadBatch:
             raise ValueError(f"values {tuple(self.values.shape)} must match keys {tuple(self.keys.shape)}")
         if self.queries.dim() != 3 or self.queries.shape[0] != heads or self.queries.shape[2] != dim:
             raise ValueError(f"queries {tuple(self.queries.shape)} must be [H,N,D] with H={heads}, D={dim}")
+        if self.content_keys is not None and self.content_keys.shape != self.keys.shape:
+            raise ValueError(f"content_keys {tuple(self.content_keys.shape)} must match keys {tuple(self.keys.shape)}")
         if (self.query_pos is None) != (self.key_pos is None):
             raise ValueError("query_pos and key_pos must be given together")
         if self.budget.shape != (heads,):
@@ -102,6 +105,7 @@ class HeadBatch:
             key_bias=pick(self.key_bias),
             query_pos=pick(self.query_pos),
             key_pos=pick(self.key_pos),
+            content_keys=pick(self.content_keys),
         )
 
 

@@ -48,11 +48,9 @@ def _kept_mass(reference, compacted, keys, scale) -> "torch.Tensor":  # noqa: F8
 
 def engine_options(method: str) -> dict:
     """The options the engine's compactor passes a fitting method (its config defaults)."""
-    from vllm_compact.am.methods import method_class
     from vllm_compact.config import CompactionConfig
 
-    config = CompactionConfig()
-    return {"value_ridge": config.value_ridge, "refit_values": config.refit_values} if method_class(method).fits else {}
+    return CompactionConfig().method_options(method)
 
 
 def main(argv: list[str]) -> int:

@@ -69,6 +69,7 @@ class _Replica:
         reference.forward(recent, list(range(len(span), len(document))), self.full)
         self.recent = [cache.slice(len(span), len(document)) for cache in self.full]
         self.document_len = len(document)
+        self.rotary = model_rotary(model.config, len(prompt_ids))
 
     def compacted_cache(self, method: str, ratio: float, source: str, options: dict | None = None,
                         forced_keys=None):
@@ -85,8 +86,10 @@ class _Replica:
         keys, values = cap.keys[:, :, protected:].flatten(0, 1), cap.values[:, :, protected:].flatten(0, 1)
         num_layers, num_kv_heads = cap.keys.shape[:2]
         key_len = torch.full((keys.shape[0],), keys.shape[1])
+        positions = torch.arange(protected, protected + keys.shape[1]).expand(keys.shape[0], -1)
         batch = HeadBatch(keys=keys, values=values, queries=queries, scale=cap.scale,
-                          budget=uniform_budgets(key_len, ratio), key_len=key_len)
+                          budget=uniform_budgets(key_len, ratio), key_len=key_len,
+                          content_keys=self.rotary.unrotate(keys, positions).to(keys.dtype))
         compacted = compact_heads(batch, method, **(options or {}))
         forced = torch.tensor([p - protected for p in (forced_keys or ()) if p >= protected], dtype=torch.long)
         caches = []
@@ -120,6 +123,19 @@ class _Replica:
             logits = self.reference.forward(tokens[-1:], [position], cache)
             position += 1
         return self.tokenizer.decode(tokens)
+
+
+def model_rotary(config, max_positions: int):
+    """The plain RoPE of a transformers Llama-style config (the replica's models have no rope scaling)."""
+    from vllm_compact.am.rotary import Rotary
+
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"the replica supports plain RoPE only, not {rope}")
+    theta = rope.get("rope_theta") or config.rope_theta
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))
+    return Rotary.from_theta(theta, rotary_dim, max_positions)
 
 
 def _configs(args) -> list[tuple[str, float, str]]:

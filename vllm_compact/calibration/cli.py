@@ -138,12 +138,9 @@ def calibrate(args: argparse.Namespace) -> dict:
         from vllm_compact.data.essays import essay_text
 
         text = essay_text()
-    from vllm_compact.am.methods import method_class
     from vllm_compact.config import CompactionConfig
 
-    engine = CompactionConfig()  # the engine's defaults: the method and its value options
-    options = ({"value_ridge": engine.value_ridge, "refit_values": engine.refit_values}
-               if method_class(args.method).fits else {})
+    options = CompactionConfig().method_options(args.method)  # the engine's defaults for the method
     model, tokenizer = load_model(model_dir)
     counts, curves, errors, seconds = measure(
         model, tokenizer, text, layout, args.contexts, args.share, progress=not args.no_progress,

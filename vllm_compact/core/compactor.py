@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_compact.am import HeadBatch, compact_heads, method_class
+from vllm_compact.am.rotary import Rotary
 from vllm_compact.core.compact_pages import page_view, read_head, write_layer
 from vllm_compact.core.faults import FaultInjector
 from vllm_compact.core.plan import CompactionReport, CompactionStep, RequestCompactionPlan
@@ -29,6 +30,7 @@ class ModelGeometry:
     head_dim: int
     block_size: int
     scales: tuple[float, ...]  # per layer softmax scale
+    rotary: Rotary | None = None  # the model's RoPE on keys (None: position-free scores read rotated keys)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _HeadInput:
     keys: torch.Tensor     # [T, D]
     values: torch.Tensor   # [T, D]
     bias: torch.Tensor     # [T] fp32 (existing beta of old compact entries, 0 for new tokens)
+    positions: torch.Tensor  # [T] int64 the positions the keys were rotated at
     queries: torch.Tensor  # [N, D]
     budget: int
     scale: float
@@ -43,12 +46,13 @@ class _HeadInput:
 
 def read_segment_head(
     segment: CompactSegment, pages: torch.Tensor, layer: int, head: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys, values and beta of one head of a compact segment from its layer's compact pages."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values, beta and key positions of one head of a compact segment from its layer's compact pages."""
     start = int(segment.head_start[layer, head])
     length = int(segment.head_len[layer, head])
     keys, values = read_head(pages, segment.page_ids, start, length)
-    return keys, values, segment.beta[layer][start : start + length]
+    entries = slice(start, start + length)
+    return keys, values, segment.beta[layer][entries], segment.positions[layer][entries]
 
 
 class SegmentCompactor:
@@ -65,6 +69,7 @@ class SegmentCompactor:
         old = self.state.segments.get(plan.req_id) if plan.prev_end_block > plan.start_block else None
         reservoir = self.state.reservoirs.get(plan.req_id)
         source = torch.tensor(plan.source_block_ids, dtype=torch.int64)
+        new_positions = torch.arange(plan.prev_end_block * geo.block_size, plan.end_block * geo.block_size)
         group = geo.num_q_heads // geo.num_kv_heads
         inputs = []
         for layer in range(geo.num_layers):
@@ -78,19 +83,18 @@ class SegmentCompactor:
                 q = new_keys.new_zeros(geo.num_kv_heads, 0, geo.head_dim)
             pages = page_view(cache)
             for head in range(geo.num_kv_heads):
-                keys, values = new_keys[head], new_values[head]
+                keys, values, positions = new_keys[head], new_values[head], new_positions
                 bias = torch.zeros(keys.shape[0], dtype=torch.float32)
                 if old is not None:
-                    old_k, old_v, old_b = read_segment_head(old, pages, layer, head)
+                    old_k, old_v, old_b, old_pos = read_segment_head(old, pages, layer, head)
                     keys, values = torch.cat([old_k, keys]), torch.cat([old_v, values])
-                    bias = torch.cat([old_b, bias])
-                inputs.append(
-                    _HeadInput(keys, values, bias, q[head], plan.head_budgets[layer][head], geo.scales[layer])
-                )
+                    bias, positions = torch.cat([old_b, bias]), torch.cat([old_pos, positions])
+                inputs.append(_HeadInput(keys, values, bias, positions, q[head], plan.head_budgets[layer][head],
+                                         geo.scales[layer]))
         return inputs
 
-    @staticmethod
-    def _batch(inputs: list[_HeadInput]) -> HeadBatch:
+    def _batch(self, inputs: list[_HeadInput]) -> tuple[HeadBatch, torch.Tensor]:
+        """The padded batch and [H, T] int64 key positions (0 at padding)."""
         num_heads = len(inputs)
         max_t = max(x.keys.shape[0] for x in inputs)
         max_n = max(1, max(x.queries.shape[0] for x in inputs))
@@ -100,12 +104,15 @@ class SegmentCompactor:
         values = torch.zeros_like(keys)
         bias = torch.zeros(num_heads, max_t, dtype=torch.float32)
         queries = torch.zeros(num_heads, max_n, dim, dtype=dtype)
+        positions = torch.zeros(num_heads, max_t, dtype=torch.int64)
         for i, x in enumerate(inputs):
             t, n = x.keys.shape[0], x.queries.shape[0]
-            keys[i, :t], values[i, :t], bias[i, :t] = x.keys, x.values, x.bias
+            keys[i, :t], values[i, :t], bias[i, :t], positions[i, :t] = x.keys, x.values, x.bias, x.positions
             queries[i, :n] = x.queries
         has_bias = any(bool(x.bias.any()) for x in inputs)
-        return HeadBatch(
+        rotary = self.geo.rotary
+        content_keys = None if rotary is None else rotary.unrotate(keys, positions).to(dtype)
+        batch = HeadBatch(
             keys=keys,
             values=values,
             queries=queries,
@@ -114,7 +121,9 @@ class SegmentCompactor:
             key_len=torch.tensor([x.keys.shape[0] for x in inputs], dtype=torch.int64),
             query_len=torch.tensor([x.queries.shape[0] for x in inputs], dtype=torch.int64),
             key_bias=bias if has_bias else None,
+            content_keys=content_keys,
         )
+        return batch, positions
 
     # ---- solve ------------------------------------------------------------------------------------------------
 
@@ -127,8 +136,7 @@ class SegmentCompactor:
                 continue  # no reference queries: only position-based eviction applies
             try:
                 config = self.state.config
-                options = {"value_ridge": config.value_ridge, "refit_values": config.refit_values} if cls.fits else {}
-                result = self.faults.solve(compact_heads, batch, name, **options)
+                result = self.faults.solve(compact_heads, batch, name, **config.method_options(name))
                 if not _finite(result):
                     raise FloatingPointError(f"{name} returned non-finite entries")
             except Exception:  # noqa: BLE001 - contained: the request goes on with a cheaper method
@@ -141,12 +149,13 @@ class SegmentCompactor:
 
     # ---- write ------------------------------------------------------------------------------------------------
 
-    def _write(self, plan: RequestCompactionPlan, result, first_head: int, faults: bool = True) -> CompactSegment:
+    def _write(self, plan: RequestCompactionPlan, result, positions: torch.Tensor, first_head: int,
+               faults: bool = True) -> CompactSegment:
         geo = self.geo
         dest = torch.tensor(plan.dest_block_ids, dtype=torch.int32)
         head_start = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.int32)
         head_len = torch.zeros_like(head_start)
-        betas = []
+        betas, kept_positions = [], []
         for layer in range(geo.num_layers):
             rows = range(first_head + layer * geo.num_kv_heads, first_head + (layer + 1) * geo.num_kv_heads)
             lengths = [int(result.length[r]) for r in rows]
@@ -156,9 +165,10 @@ class SegmentCompactor:
                 [result.values[r, :n] for r, n in zip(rows, lengths)],
             )
             betas.append(torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous())
+            kept_positions.append(torch.cat([positions[r, result.indices[r, :n]] for r, n in zip(rows, lengths)]))
             if faults and layer == 0:
                 self.faults.check("write")  # a failure halfway: the pages are private to the plan
-        return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas)
+        return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas, kept_positions)
 
     def execute(self, step: CompactionStep) -> CompactionReport:
         """Every plan ends with its segment written, or listed as failed with nothing changed (the scheduler still
@@ -202,10 +212,10 @@ class SegmentCompactor:
             if faults:
                 self.faults.check("gather")
             inputs.extend(self._head_inputs(plan))
-        batch = self._batch(inputs)
+        batch, positions = self._batch(inputs)
         result = self._solve(batch, method) if faults else compact_heads(batch, method)
         heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
-        segments = [self._write(plan, result, i * heads_per_plan, faults) for i, plan in enumerate(plans)]
+        segments = [self._write(plan, result, positions, i * heads_per_plan, faults) for i, plan in enumerate(plans)]
         for plan, segment in zip(plans, segments):
             self.state.segments[plan.req_id] = segment
         self.state.stats.compactions += len(plans)

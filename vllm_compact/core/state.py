@@ -20,7 +20,8 @@ class CompactSegment:
     """One request's compact segment: logical blocks [start_block, end_block) live in `page_ids`.
 
     Per layer, the entries of all KV heads are packed back to back in the pages' flattened lanes: head h of layer l
-    occupies [head_start[l, h], head_start[l, h] + head_len[l, h]); beta[l] holds one fp32 bias per entry.
+    occupies [head_start[l, h], head_start[l, h] + head_len[l, h]); beta[l] holds one fp32 bias per entry and
+    positions[l] the position each entry's key was rotated at (a re-compaction undoes RoPE with it).
     """
 
     start_block: int
@@ -29,6 +30,7 @@ class CompactSegment:
     head_start: torch.Tensor  # [num_layers, Hkv] int32
     head_len: torch.Tensor    # [num_layers, Hkv] int32
     beta: list[torch.Tensor]  # per layer, [entries of that layer] fp32
+    positions: list[torch.Tensor]  # per layer, [entries of that layer] int64
 
 
 class QueryReservoir:

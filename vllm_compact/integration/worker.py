@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 
+import torch
+from vllm.model_executor.layers.rotary_embedding import (
+    DynamicNTKScalingRotaryEmbedding,
+    Llama3RotaryEmbedding,
+    LinearScalingRotaryEmbedding,
+    NTKScalingRotaryEmbedding,
+    RotaryEmbedding,
+    YaRNScalingRotaryEmbedding,
+)
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm_compact.am.rotary import Rotary
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.integration.block_probe import stock_block_layout
@@ -16,6 +27,29 @@ from vllm_compact.core.plan import CompactionReport
 from vllm_compact.integration.scheduler import CompactionModelRunnerOutput, compaction_step
 from vllm_compact.core.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
+
+
+logger = logging.getLogger("vllm_compact.worker")
+
+# Rotations by one angle per (position, pair): their cos/sin table undoes them. Scaled variants multiply cos and sin
+# by one factor, which the cosine similarity of unrotated keys does not see. Others (multimodal, dual-chunk) differ.
+_PLAIN_ROPE = (RotaryEmbedding, LinearScalingRotaryEmbedding, Llama3RotaryEmbedding, YaRNScalingRotaryEmbedding,
+               NTKScalingRotaryEmbedding, DynamicNTKScalingRotaryEmbedding)
+
+
+def model_rotary(model: torch.nn.Module) -> Rotary | None:
+    """The one plain RoPE every layer of `model` applies to its keys, else None (scores read rotated keys)."""
+    tables = {id(m): m for m in model.modules() if hasattr(m, "cos_sin_cache")}
+    plain = [m for m in tables.values() if type(m) in _PLAIN_ROPE]
+    if not plain or len(plain) != len(tables):
+        logger.info("vllm-compact: no plain RoPE found; key distinctiveness reads the rotated keys")
+        return None
+    first = plain[0]
+    if any(m.cos_sin_cache.shape != first.cos_sin_cache.shape or not torch.equal(m.cos_sin_cache, first.cos_sin_cache)
+           or m.is_neox_style != first.is_neox_style for m in plain[1:]):
+        logger.info("vllm-compact: layers rotate keys differently; key distinctiveness reads the rotated keys")
+        return None
+    return Rotary.from_cos_sin_cache(first.cos_sin_cache, first.is_neox_style)
 
 
 def file_stats(state: WorkerCompactionState) -> WorkerStats:
@@ -52,6 +86,7 @@ class CompactionCPUModelRunner(CPUModelRunner):
             head_dim=first.head_size,
             block_size=cache.shape[2],
             scales=tuple(float(layer.impl.scale) for _, layer in attn),
+            rotary=model_rotary(self.get_model()),
         )
         layout = stock_block_layout(cache.shape[1], cache.shape[2], first.head_size, cache.dtype, first.isa)
         return SegmentCompactor(state, layout, geometry)
