@@ -79,8 +79,9 @@ class CompactionConfig(BaseModel):
     def _implemented_query_source(cls, value):
         if value in OFFLINE_QUERY_SOURCES:
             raise ValueError(
-                f"query_source {value!r} is not implemented by the engine (only measured offline by `vllm-compact "
-                "bench am`); the engine fits on the recent window's queries, 'after'"
+                f"query_source {value!r} is not implemented by the engine (measured offline only: `vllm-compact "
+                "bench am`, `bench needle-replica`); the engine fits on the recent window's queries, 'after', and "
+                "keeps query-free distinct keys (distinct_share)"
             )
         return value
 

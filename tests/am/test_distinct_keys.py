@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -58,6 +59,38 @@ def test_distinct_scores_match_a_float64_reference() -> None:
         n = keys.shape[0]
         assert torch.allclose(scores[h, :n].double(), expected, atol=1e-5)
         assert bool((scores[h, n:] == 0).all())
+
+
+def test_leverage_scores_match_a_float64_mahalanobis_distance() -> None:
+    batch = _padded(4)
+    scores = distinct_scores(batch, "leverage")
+    for h in range(batch.num_heads):
+        keys = head_inputs(batch, h)["keys"].double()
+        n, dim = keys.shape
+        centred = keys - keys.mean(0)
+        cov = torch.from_numpy(np.cov(centred.numpy(), rowvar=False, bias=True))
+        cov += 1e-3 * float(cov.trace()) / dim * torch.eye(dim, dtype=torch.float64)
+        expected = torch.einsum("td,de,te->t", centred, torch.linalg.inv(cov), centred)
+        assert torch.allclose(scores[h, :n].double(), expected, rtol=1e-4, atol=1e-4)
+        assert bool((scores[h, n:] == 0).all())
+
+
+def test_leverage_finds_a_key_rare_along_a_quiet_direction_that_cosine_misses() -> None:
+    """The keys vary widely along one direction and barely along another; the odd key is off by a little along
+    the quiet one. Its cosine to the mean is ordinary; its leverage is the largest."""
+    g = torch.Generator().manual_seed(5)
+    length, dim, odd = 80, 8, 23
+    keys = torch.zeros(length, dim)
+    keys[:, 0] = 4.0
+    keys[:, 1] = 2.0 * torch.randn(length, generator=g)
+    keys[:, 2:] = 0.01 * torch.randn(length, dim - 2, generator=g)
+    keys[odd, 3] += 0.3
+    batch = HeadBatch(keys=keys[None], values=torch.randn(1, length, dim, generator=g),
+                      queries=torch.randn(1, 4, dim, generator=g), scale=0.25, budget=torch.tensor([4]))
+    assert int(distinct_scores(batch, "leverage")[0].argmax()) == odd
+    assert int(distinct_scores(batch, "cosine")[0].argmax()) != odd
+    with pytest.raises(ValueError, match="distinct metric"):
+        distinct_scores(batch, "entropy")
 
 
 def test_distinct_scores_read_the_keys_with_rope_undone() -> None:

@@ -100,11 +100,12 @@ class SnapKV(EvictionMethod):
     pool_kernel: int = 7
     follow_tokens: int = 0  # keys also keep the score of the follow_tokens keys before them (selection.carry_forward)
     distinct_share: float = 0.0  # share of the budget chosen by key distinctiveness (selection.distinct_scores)
+    distinct_metric: str = "cosine"  # selection.DISTINCT_METRICS
 
     def select(self, batch: HeadBatch) -> Tensor:
         scores = attention_scores(batch, self.reduce, self.pool_kernel)
         scores = carry_forward(scores, batch.key_valid(), self.follow_tokens)
-        distinct = carry_forward(distinct_scores(batch), batch.key_valid(), self.follow_tokens) \
+        distinct = carry_forward(distinct_scores(batch, self.distinct_metric), batch.key_valid(), self.follow_tokens) \
             if self.distinct_share > 0 else scores
         return top_budget_shared(scores, distinct, batch.key_valid(), batch.budget_per_head(), self.distinct_share)
 
@@ -258,6 +259,7 @@ class HighestAttention(AttentionMatching):
     # keeps 84-95% of the digits in the heads the answer reads, against 15-27% without (bench needle-diagnosis).
     follow_tokens: int = 16
     distinct_share: float = 0.0  # share of the budget chosen by key distinctiveness (selection.distinct_scores)
+    distinct_metric: str = "cosine"  # selection.DISTINCT_METRICS
 
     def score_request(self, rows: QueryRows) -> ScoreRequest:
         return ScoreRequest(self.reduce, rows.fit)  # scored on the fit rows only: held-out rows stay unseen
@@ -269,7 +271,7 @@ class HighestAttention(AttentionMatching):
         scores = carry_forward(scores, visibility.key_valid, self.follow_tokens)
         if self.distinct_share <= 0:
             return top_budget(scores, visibility.key_valid, batch.budget_per_head())
-        distinct = carry_forward(distinct_scores(batch), visibility.key_valid, self.follow_tokens)
+        distinct = carry_forward(distinct_scores(batch, self.distinct_metric), visibility.key_valid, self.follow_tokens)
         return top_budget_shared(scores, distinct, visibility.key_valid, batch.budget_per_head(), self.distinct_share)
 
 

@@ -135,19 +135,41 @@ def recency_scores(batch: HeadBatch) -> Tensor:
     return torch.arange(n_keys, device=batch.device, dtype=torch.float64)[None, :].expand(batch.num_heads, n_keys)
 
 
-def distinct_scores(batch: HeadBatch) -> Tensor:
-    """[H,T] how unlike the span's other keys each key is: 1 - cosine similarity to the head's mean valid key
-    (KeyDiff, Park et al. 2025), on `content_keys` when given (RoPE undone), else on the stored keys.
+DISTINCT_METRICS = ("cosine", "leverage")
+LEVERAGE_RIDGE = 1e-3  # relative to the mean key variance: keeps the covariance invertible on short spans
+
+
+def distinct_scores(batch: HeadBatch, metric: str = "cosine") -> Tensor:
+    """[H,T] how unlike the span's other keys each key is, on `content_keys` when given (RoPE undone), else on the
+    stored keys. cosine: 1 - cosine similarity to the head's mean valid key (KeyDiff, Park et al. 2025); leverage:
+    the key's Mahalanobis distance from that mean under the keys' own covariance (statistical leverage, as in
+    Compactor, Chari et al. 2025), which also sees a key that is rare along a direction of little variance.
 
     Query-agnostic: a fact the essay never returns to (a name, a number) has keys that no later query of the essay
     looks for, but they stand out from the essay's own keys. Rotated keys hide this: their similarity is mostly
     that of their positions (SmolLM2 needle prompts, the needle's digit keys that rank
     within a 10x budget: 14-21% of them on rotated keys, 34-36% unrotated, mean over heads)."""
+    if metric not in DISTINCT_METRICS:
+        raise ValueError(f"distinct metric must be one of {DISTINCT_METRICS}, got {metric!r}")
     keys = (batch.keys if batch.content_keys is None else batch.content_keys).float()
     valid = batch.key_valid()
     mean = (keys * valid[:, :, None]).sum(1) / valid.sum(1).clamp(min=1)[:, None].to(keys.dtype)
+    if metric == "leverage":
+        return _leverage(keys.double(), valid, mean.double()).float()
     similarity = F.cosine_similarity(keys, mean[:, None, :].expand_as(keys), dim=-1)
     return (1.0 - similarity).masked_fill(~valid, 0.0)
+
+
+def _leverage(keys: Tensor, valid: Tensor, mean: Tensor) -> Tensor:
+    """[H,T] (k - mean)^T (C + ridge)^-1 (k - mean), C the covariance of the head's valid keys (0 at padding)."""
+    centred = (keys - mean[:, None, :]).masked_fill(~valid[:, :, None], 0.0)
+    count = valid.sum(1).clamp(min=1).to(keys.dtype)
+    cov = centred.transpose(1, 2) @ centred / count[:, None, None]
+    dim = keys.shape[2]
+    ridge = LEVERAGE_RIDGE * cov.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
+    cov = cov + ridge[:, None, None] * torch.eye(dim, dtype=keys.dtype, device=keys.device)
+    whitened = torch.linalg.solve(cov, centred.transpose(1, 2)).transpose(1, 2)
+    return (whitened * centred).sum(-1).masked_fill(~valid, 0.0)
 
 
 def top_budget_shared(first: Tensor, second: Tensor, key_valid: Tensor, budget: Tensor, second_share: float) -> Tensor:

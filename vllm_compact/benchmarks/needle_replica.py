@@ -51,6 +51,8 @@ def _option(key: str, raw: str):
         return (float(low), float(high or low))
     if key in ("refit_values", "shrink_to_original"):
         return raw.lower() in ("1", "true")
+    if key == "distinct_metric":
+        return raw
     return int(raw) if raw.lstrip("-").isdigit() else float(raw)
 
 
