@@ -398,3 +398,76 @@ def test_the_engine_scheduler_resolves_an_unset_file_from_the_model_config(tmp_p
     forced = SimpleNamespace(compaction_config=CompactionConfig(enabled=True, head_budget_file=UNIFORM))
     CompactionScheduler._resolve_head_budgets(forced, SimpleNamespace(model=str(folder), hf_config=hf))
     assert forced.compaction_config.head_budget_file == UNIFORM
+
+
+# ---- facts planted in the span, unrotated keys ----------------------------------------------------------------------
+
+
+def test_fact_contexts_state_every_fact_inside_the_span_and_ask_it_after(tiny_path):
+    from transformers import AutoTokenizer
+
+    from vllm_compact.calibration.facts import fact_context
+    from vllm_compact.data.essays import essay_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    essay = tokenizer(essay_text()[:20000], add_special_tokens=False)["input_ids"]
+    protected, span, recent = 16, 600, 64
+    context = fact_context(tokenizer, essay, protected, span, recent, count=4, seed=7)
+    assert len(context.ids) == span + recent + context.window
+    window = tokenizer.decode(context.ids[-context.window:])
+    assert window.count("Q: What is the ") == 4
+    for position in context.fact_positions:
+        stated = tokenizer.decode(context.ids[position:span])
+        assert stated.startswith(" For the record, the ")
+        value = stated.split(" is ", 1)[1].split(".", 1)[0]
+        assert value.isdigit() and 5 <= len(value) <= 8
+        assert f"is {value}." in window  # the answer states the planted value
+        assert protected <= position and position + 24 < span
+    # the essay runs on without a seam from the span's end through the recent window
+    recent_ids = context.ids[span - 8 : span + recent]
+    assert any(essay[i : i + len(recent_ids)] == recent_ids for i in range(len(essay) - len(recent_ids)))
+    with pytest.raises(ValueError, match="no room"):
+        fact_context(tokenizer, essay, protected, protected + 40, recent, count=4, seed=7)
+
+
+def test_calibration_keeps_the_span_keys_as_they_were_before_rope(tiny_path):
+    """The error objective compacts with the engine's content keys: the recorder's unrotated keys must be the
+    layer's key projection itself (captured by a hook, before the model rotates it)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from vllm_compact.benchmarks.capture import config_rotary, load_model
+    from vllm_compact.calibration.capture import Layout, _CoverageRecorder
+
+    model, _ = load_model(Path(tiny_path))
+    layout = Layout(protected=8, span=96, recent=16, window=16)
+    recorder = _CoverageRecorder(layout, keep=True, rotary=config_rotary(model.config, layout.tokens))
+    ALL_ATTENTION_FUNCTIONS.register("calibration_test", recorder)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("calibration_test", sdpa_mask)
+    projected = {}
+    attention = model.model.layers[1].self_attn
+    hook = attention.k_proj.register_forward_hook(lambda module, args, out: projected.setdefault("keys", out))
+    ids = torch.randint(0, model.config.vocab_size, (1, layout.tokens), generator=torch.Generator().manual_seed(0))
+    try:
+        model.set_attn_implementation("calibration_test")
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=torch.arange(layout.tokens)[None], use_cache=False)
+    finally:
+        hook.remove()
+        model.set_attn_implementation("sdpa")
+    heads, dim = model.config.num_key_value_heads, attention.head_dim
+    before_rope = projected["keys"][0].view(layout.tokens, heads, dim).transpose(0, 1)[:, layout.protected:layout.span]
+    span_keys, content = recorder.kept[1][0], recorder.kept[1][4]
+    assert not torch.allclose(span_keys, before_rope, atol=1e-3)  # the stored keys are rotated
+    assert torch.allclose(content, before_rope, atol=1e-4)
+
+
+def test_calibrate_on_planted_facts_writes_a_valid_table(tiny_path, tmp_path):
+    out = tmp_path / "tiny-facts.json"
+    assert main(["tiny", "--out", str(out), "--facts", "2", *SMALL]) == 0
+    table = read_head_table(out)
+    check_table_shape(out, table, 4, 2)
+    data = json.loads(out.read_text())
+    assert data["settings"]["facts"] == 2
+    assert np.allclose([sum(row) for row in table], 0.25, atol=1e-6)
+    assert np.isfinite(np.array(data["output_error"])).all()

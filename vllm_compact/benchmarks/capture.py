@@ -92,6 +92,19 @@ def load_model(model_dir: Path) -> tuple[torch.nn.Module, object]:
     return model, tokenizer
 
 
+def config_rotary(config, max_positions: int):
+    """The plain RoPE of a transformers Llama-style config (the registry's models have no rope scaling)."""
+    from vllm_compact.am.rotary import Rotary
+
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"plain RoPE only, not {rope}")
+    theta = rope.get("rope_theta") or config.rope_theta
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary_dim = int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))
+    return Rotary.from_theta(theta, rotary_dim, max_positions)
+
+
 def build_layout(tokenizer, text: str, span: int, after: int, heldout: int, repeat: int) -> TokenLayout:
     """Tokenize enough of `text` for span + after + held-out; the repeat part reuses the span's own ids."""
     needed = span + after + heldout

@@ -52,7 +52,7 @@ class _Replica:
     def __init__(self, model, reference, tokenizer, prompt_ids, question_tokens: int, args) -> None:
         import torch
 
-        from vllm_compact.benchmarks.capture import REPEAT_INSTRUCTION, TokenLayout, capture
+        from vllm_compact.benchmarks.capture import REPEAT_INSTRUCTION, TokenLayout, capture, config_rotary
         from vllm_compact.benchmarks.reference_llama import LayerCache
 
         self.reference, self.tokenizer, self.args = reference, tokenizer, args
@@ -69,7 +69,7 @@ class _Replica:
         reference.forward(recent, list(range(len(span), len(document))), self.full)
         self.recent = [cache.slice(len(span), len(document)) for cache in self.full]
         self.document_len = len(document)
-        self.rotary = model_rotary(model.config, len(prompt_ids))
+        self.rotary = config_rotary(model.config, len(prompt_ids))
 
     def compacted_cache(self, method: str, ratio: float, source: str, options: dict | None = None,
                         forced_keys=None):
@@ -123,19 +123,6 @@ class _Replica:
             logits = self.reference.forward(tokens[-1:], [position], cache)
             position += 1
         return self.tokenizer.decode(tokens)
-
-
-def model_rotary(config, max_positions: int):
-    """The plain RoPE of a transformers Llama-style config (the replica's models have no rope scaling)."""
-    from vllm_compact.am.rotary import Rotary
-
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"the replica supports plain RoPE only, not {rope}")
-    theta = rope.get("rope_theta") or config.rope_theta
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rotary_dim = int(head_dim * (getattr(config, "partial_rotary_factor", None) or 1.0))
-    return Rotary.from_theta(theta, rotary_dim, max_positions)
 
 
 def _configs(args) -> list[tuple[str, float, str]]:

@@ -24,14 +24,16 @@ class Layout:
 class _CoverageRecorder:
     """Transformers attention function: adds each layer's coverage curve to a running sum, then delegates."""
 
-    def __init__(self, layout: Layout, keep: bool = False) -> None:
-        self.layout = layout
+    def __init__(self, layout: Layout, keep: bool = False, rotary=None) -> None:
+        self.layout = layout  # of the context being run (a facts context sets its own window)
         self.keep = keep  # also keep the layer's span keys/values and pooled queries (for the error objective)
+        self.rotary = rotary  # the model's RoPE: kept keys also come unrotated (the engine's content keys)
         self.sums: dict[int, object] = {}
         self.kept: dict[int, tuple] = {}
         self.scale: float | None = None
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         lay = self.layout
@@ -51,7 +53,11 @@ class _CoverageRecorder:
         layer = int(module.layer_idx)
         if self.keep:
             span_values = value[0, :, lay.protected : lay.span].detach()
-            self.kept[layer] = tuple(t.float().contiguous() for t in (span_keys, span_values, reference, heldout))
+            kept = [span_keys, span_values, reference, heldout]
+            if self.rotary is not None:
+                positions = torch.arange(lay.protected, lay.span).expand(num_kv, -1)
+                kept.append(self.rotary.unrotate(span_keys.float(), positions))
+            self.kept[layer] = tuple(t.float().contiguous() for t in kept)
         self.sums[layer] = curve if layer not in self.sums else self.sums[layer] + curve
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
@@ -88,20 +94,37 @@ def grid_budgets(span: int, grid: list[float]) -> list[int]:
     return sorted({max(1, min(span, round(span / g))) for g in grid})
 
 
+def context_inputs(tokenizer, text: str, offset: int, layout: Layout, facts: int, seed: int) -> tuple[list[int], Layout]:
+    """One context's token ids and its layout: essay text, or (facts > 0) essay text with facts planted in the
+    span and their questions and answers as the held-out window (calibration.facts)."""
+    if facts <= 0:
+        return context_ids(tokenizer, text, offset, layout.tokens), layout
+    from dataclasses import replace
+
+    from vllm_compact.calibration.facts import fact_context
+
+    essay = context_ids(tokenizer, text, offset, layout.span + layout.recent)
+    context = fact_context(tokenizer, essay, layout.protected, layout.span, layout.recent, facts, seed)
+    return context.ids, replace(layout, window=context.window)
+
+
 def measure(model, tokenizer, text: str, layout: Layout, contexts: int, share: float, progress: bool = True,
             objective: str = "coverage", grid: list[float] = (), method: str = "am-highest-attention",
-            method_options: dict | None = None):
+            method_options: dict | None = None, facts: int = 0):
     """Averaged over the contexts: ([L, H] int64 keys_needed, [L, H, T] float64 coverage curves,
     [L, H, B] float64 held-out output errors at grid_budgets(T, grid) (None unless objective 'output-error'),
-    seconds)."""
+    seconds). `facts` > 0: the held-out window is the questions and answers of facts planted in the span."""
     import torch
     from tqdm import tqdm
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from vllm_compact.benchmarks.capture import config_rotary
+
     with_errors = objective == "output-error"
     name = "vllm_compact_calibrate"
-    recorder = _CoverageRecorder(layout, keep=with_errors)
+    longest = layout.span + layout.recent + max(layout.window, 512)
+    recorder = _CoverageRecorder(layout, keep=with_errors, rotary=config_rotary(model.config, longest))
     ALL_ATTENTION_FUNCTIONS.register(name, recorder)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     previous = model.config._attn_implementation
@@ -112,12 +135,13 @@ def measure(model, tokenizer, text: str, layout: Layout, contexts: int, share: f
     steps = contexts * (1 + len(budgets))
     bar = tqdm(total=steps, desc="calibrate", unit="step", file=sys.stderr, disable=not progress)
     try:
-        for offset in context_offsets(text, contexts):
-            ids = torch.tensor([context_ids(tokenizer, text, offset, layout.tokens)])
+        for seed, offset in enumerate(context_offsets(text, contexts)):
+            context, recorder.layout = context_inputs(tokenizer, text, offset, layout, facts, seed)
+            ids = torch.tensor([context])
             model.set_attn_implementation(name)
             try:
                 with torch.no_grad():
-                    model(input_ids=ids, position_ids=torch.arange(layout.tokens)[None], use_cache=False)
+                    model(input_ids=ids, position_ids=torch.arange(len(context))[None], use_cache=False)
             finally:
                 model.set_attn_implementation(previous)
             bar.update(1)

@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="span tokens of the memory report (default: --span minus --protected)")
     p.add_argument("--block-size", type=_positive_int, default=128,
                    help="KV page size of the memory report (default: 128, vLLM's CPU default)")
+    p.add_argument("--facts", type=_nonnegative_int, default=0,
+                   help="facts planted in each context's span, their questions and answers the held-out window "
+                        "(calibration.facts: scores the heads that read a fact back); 0: essay text after the "
+                        "recent window (default: 0)")
     p.add_argument("--text", default=None,
                    help="a UTF-8 text file to calibrate on instead of the essays (vllm_compact/data/essays.py)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's)")
@@ -144,7 +148,7 @@ def calibrate(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(model_dir)
     counts, curves, errors, seconds = measure(
         model, tokenizer, text, layout, args.contexts, args.share, progress=not args.no_progress,
-        objective=args.objective, grid=args.grid, method=args.method, method_options=options)
+        objective=args.objective, grid=args.grid, method=args.method, method_options=options, facts=args.facts)
     span_keys = args.span - args.protected
     budgets = grid_budgets(span_keys, args.grid)
     if errors is not None:
@@ -162,7 +166,7 @@ def calibrate(args: argparse.Namespace) -> dict:
         "scope": args.scope,
         "settings": {
             "contexts": args.contexts, "span": args.span, "protected": args.protected, "recent": args.recent,
-            "window": args.window, "share": args.share, "floor": args.floor, "ratios": args.ratios,
+            "window": args.window, "facts": args.facts, "share": args.share, "floor": args.floor, "ratios": args.ratios,
             "text": args.text or "essays", "objective": args.objective, "grid": args.grid,
             "compaction_method": args.method, "compaction_options": options,
         },

@@ -40,13 +40,15 @@ def head_errors(kept: dict, scale: float, budgets: list[int], method: str, optio
     from vllm_compact.benchmarks.heldout import heldout_errors, heldout_reference
 
     layers = sorted(kept)
-    keys, values, reference, heldout = (torch.cat([kept[layer][i] for layer in layers]) for i in range(4))
+    keys, values, reference, heldout, *content = (torch.cat([kept[layer][i] for layer in layers])
+                                                  for i in range(len(kept[layers[0]])))
     num_layers, heads = len(layers), keys.shape[0] // len(layers)
     truth = heldout_reference(keys, values, heldout, scale)
     out = torch.zeros(num_layers, heads, len(budgets), dtype=torch.float64)
     for b, budget in enumerate(budgets):
         batch = HeadBatch(keys=keys, values=values, queries=reference, scale=scale,
-                          budget=torch.full((keys.shape[0],), budget, dtype=torch.long))
+                          budget=torch.full((keys.shape[0],), budget, dtype=torch.long),
+                          content_keys=content[0] if content else None)
         compacted = compact_heads(batch, method, **options)
         out[:, :, b] = heldout_errors(truth, compacted)["output_rel_err"].double().view(num_layers, heads)
         if bar is not None:
