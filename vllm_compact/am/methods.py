@@ -40,12 +40,11 @@ from vllm_compact.am.selection import (
     attention_scores,
     carry_forward,
     gather_entries,
-    distinct_scores,
     mark_keys,
     max_pool_positions,
     recency_scores,
     top_budget,
-    top_budget_shared,
+    top_budget_with_distinct,
 )
 from vllm_compact.am.types import CompactedHeads, HeadBatch, concat_heads
 
@@ -105,9 +104,8 @@ class SnapKV(EvictionMethod):
     def select(self, batch: HeadBatch) -> Tensor:
         scores = attention_scores(batch, self.reduce, self.pool_kernel)
         scores = carry_forward(scores, batch.key_valid(), self.follow_tokens)
-        distinct = carry_forward(distinct_scores(batch, self.distinct_metric), batch.key_valid(), self.follow_tokens) \
-            if self.distinct_share > 0 else scores
-        return top_budget_shared(scores, distinct, batch.key_valid(), batch.budget_per_head(), self.distinct_share)
+        return top_budget_with_distinct(scores, batch, batch.key_valid(), self.follow_tokens, self.distinct_share,
+                                        self.distinct_metric)
 
 
 @register
@@ -269,10 +267,8 @@ class HighestAttention(AttentionMatching):
     ) -> Tensor:
         scores = max_pool_positions(reference.key_scores, visibility.key_valid, self.pool_kernel)
         scores = carry_forward(scores, visibility.key_valid, self.follow_tokens)
-        if self.distinct_share <= 0:
-            return top_budget(scores, visibility.key_valid, batch.budget_per_head())
-        distinct = carry_forward(distinct_scores(batch, self.distinct_metric), visibility.key_valid, self.follow_tokens)
-        return top_budget_shared(scores, distinct, visibility.key_valid, batch.budget_per_head(), self.distinct_share)
+        return top_budget_with_distinct(scores, batch, visibility.key_valid, self.follow_tokens, self.distinct_share,
+                                        self.distinct_metric)
 
 
 @register

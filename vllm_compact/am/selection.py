@@ -172,6 +172,16 @@ def _leverage(keys: Tensor, valid: Tensor, mean: Tensor) -> Tensor:
     return (whitened * centred).sum(-1).masked_fill(~valid, 0.0)
 
 
+def top_budget_with_distinct(scores: Tensor, batch: HeadBatch, key_valid: Tensor, follow_tokens: int, share: float,
+                             metric: str) -> Tensor:
+    """[H, max budget]: `share` of each head's budget by distinct_scores (carried forward like `scores`), the rest by
+    `scores` (top_budget_shared; share 0 = top_budget on `scores` alone)."""
+    if share <= 0:
+        return top_budget(scores, key_valid, batch.budget_per_head())
+    distinct = carry_forward(distinct_scores(batch, metric), key_valid, follow_tokens)
+    return top_budget_shared(scores, distinct, key_valid, batch.budget_per_head(), share)
+
+
 def top_budget_shared(first: Tensor, second: Tensor, key_valid: Tensor, budget: Tensor, second_share: float) -> Tensor:
     """[H, max budget]: floor(second_share x budget) keys by `second`, the rest by `first` (chosen first), disjoint,
     ascending, -1 padded."""

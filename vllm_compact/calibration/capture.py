@@ -123,8 +123,8 @@ def measure(model, tokenizer, text: str, layout: Layout, contexts: int, share: f
 
     with_errors = objective == "output-error"
     name = "vllm_compact_calibrate"
-    longest = layout.span + layout.recent + max(layout.window, 512)
-    recorder = _CoverageRecorder(layout, keep=with_errors, rotary=config_rotary(model.config, longest))
+    # only the span's keys are unrotated: positions below layout.span
+    recorder = _CoverageRecorder(layout, keep=with_errors, rotary=config_rotary(model.config, layout.span))
     ALL_ATTENTION_FUNCTIONS.register(name, recorder)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     previous = model.config._attn_implementation
