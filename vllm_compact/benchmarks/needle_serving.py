@@ -21,6 +21,7 @@ import json
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 KEY = ("model", "method", "ratio", "dtype", "context_tokens", "question", "head_budgets", "kind")
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="the server's per-head budgets (a label; the server's default is calibrated)")
     p.add_argument("--kinds", nargs="+", choices=["number", "word", "multi"], default=["number"],
                    help="needle wording; multi: three facts with the same noun, one asked")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="requests in flight at once, as an evaluation client sends them (the server batches them)")
     p.add_argument("--server-command", default="make serve", help="how the server was started (recorded)")
     p.add_argument("--out", default="bench/results/needle_serving.json")
     return p
@@ -62,39 +65,38 @@ def main(argv: list[str]) -> int:
     served = requests.get(f"{args.base_url}/v1/models", timeout=30).json()["data"][0]["id"]
     configs = [("none", 1.0)] * ("none" in args.methods)
     configs += [(m, r) for m in args.methods if m != "none" for r in args.ratios]
-    prompts = [(kind, ctx, make_multi_needle_prompt(tokenizer, ctx, depth, seed=i) if kind == "multi"
-                else make_needle_prompt(tokenizer, ctx, depth, kind, seed=i))
-               for kind in args.kinds for ctx in args.contexts for i, depth in enumerate(needle_depths(args.depths))]
+    groups = {(kind, ctx): [make_multi_needle_prompt(tokenizer, ctx, depth, seed=i) if kind == "multi"
+                            else make_needle_prompt(tokenizer, ctx, depth, kind, seed=i)
+                            for i, depth in enumerate(needle_depths(args.depths))]
+              for kind in args.kinds for ctx in args.contexts}
     labels = {"model": args.model, "dtype": args.dtype, "question": args.question, "head_budgets": args.head_budgets}
     rows, answers = [], []
     started = time.perf_counter()
     for method, ratio in tqdm(configs, desc="configurations", file=sys.stderr):
         xargs = ({"kv_compaction_enabled": False} if method == "none"
                  else {"kv_compaction_method": method, "kv_compaction_ratio": ratio})
-        tally: dict[tuple[str, int], list] = {}
-        for kind, ctx, needle in prompts:
+        for (kind, ctx), group in groups.items():
             before = _worker_stats(args.base_url)
             t0 = time.perf_counter()
-            reply = requests.post(f"{args.base_url}/v1/completions", timeout=900, json={
-                "model": served, "prompt": needle.prompt, "max_tokens": args.max_tokens, "temperature": 0,
-                "vllm_xargs": xargs})
-            reply.raise_for_status()
-            body = reply.json()
-            text = body["choices"][0]["text"]
-            usage = body.get("usage", {}).get("kv_compaction", {})
-            hit = needle.is_answered_by(text)
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                replies = list(pool.map(
+                    lambda needle: _complete(args.base_url, served, needle.prompt, args.max_tokens, xargs), group))
+            seconds = time.perf_counter() - t0
             after = _worker_stats(args.base_url)
-            t = tally.setdefault((kind, ctx), [0, 0, 0.0, 0, 0.0])
-            t[0], t[1], t[2] = t[0] + hit, t[1] + 1, t[2] + time.perf_counter() - t0
-            t[3] += after["compactions"] - before["compactions"]
-            t[4] += after["seconds_total"] - before["seconds_total"]
-            answers.append({**labels, "method": method, "ratio": ratio, "context_tokens": ctx, "kind": kind,
-                            "depth": needle.depth, "seed": needle.seed, "answer": needle.answer,
-                            "completion": text, "hit": hit, "usage": usage})
-        for (kind, ctx), (hits, total, seconds, compactions, compaction_seconds) in tally.items():
+            hits = 0
+            for needle, (text, usage) in zip(group, replies):
+                hit = needle.is_answered_by(text)
+                hits += hit
+                answers.append({**labels, "method": method, "ratio": ratio, "context_tokens": ctx, "kind": kind,
+                                "depth": needle.depth, "seed": needle.seed, "answer": needle.answer,
+                                "completion": text, "hit": hit, "usage": usage})
+            # With several requests in flight the wall time is a throughput figure: seconds / request of the group.
             rows.append({**labels, "method": method, "ratio": ratio, "context_tokens": ctx, "kind": kind,
-                         "hits": hits, "total": total, "seconds_per_request": seconds / total,
-                         "compactions": compactions, "compaction_seconds_per_request": compaction_seconds / total,
+                         "hits": hits, "total": len(group), "seconds_per_request": seconds / len(group),
+                         "compactions": after["compactions"] - before["compactions"],
+                         "compaction_seconds_per_request": (after["seconds_total"] - before["seconds_total"])
+                         / len(group),
+                         "concurrency": args.concurrency,
                          "server_command": args.server_command, "bench_command": bench_command})
     print(f"{(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
     out = Path(args.out)
@@ -141,6 +143,17 @@ def render(rows: list[dict]) -> str:
     lines += ["", "Commands (server started from the repository root, then the bench against it):", ""]
     lines += [f"{n}. server `{server}`; bench `{bench}`" for (server, bench), n in commands.items()]
     return "\n".join(lines) + "\n"
+
+
+def _complete(base_url: str, served: str, prompt: str, max_tokens: int, xargs: dict) -> tuple[str, dict]:
+    """Greedy completion text and its `usage.kv_compaction`."""
+    import requests
+
+    reply = requests.post(f"{base_url}/v1/completions", timeout=1800, json={
+        "model": served, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "vllm_xargs": xargs})
+    reply.raise_for_status()
+    body = reply.json()
+    return body["choices"][0]["text"], body.get("usage", {}).get("kv_compaction", {})
 
 
 def _worker_stats(base_url: str) -> dict:

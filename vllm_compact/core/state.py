@@ -32,6 +32,12 @@ class CompactSegment:
     beta: list[torch.Tensor]  # per layer, [entries of that layer] fp32
     positions: list[torch.Tensor]  # per layer, [entries of that layer] int64
 
+    def kept_positions(self) -> list[list[list[int]]]:
+        """[layer][head] the positions of the keys each head kept, in entry order."""
+        return [[self.positions[layer][int(start) : int(start) + int(length)].tolist()
+                 for start, length in zip(self.head_start[layer], self.head_len[layer])]
+                for layer in range(len(self.positions))]
+
 
 class QueryReservoir:
     """The queries of a request's most recent `capacity` tokens, per layer (a ring buffer).

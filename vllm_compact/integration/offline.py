@@ -43,8 +43,9 @@ def make_engine(model: str, compaction: dict | None, **engine_kwargs):
     return LLM(model=model, **engine_kwargs)
 
 
-def run_requests(llm, prompts: list[dict], params: list) -> tuple[dict, EngineRunStats]:
-    """prompts: [{"id", "prompt_token_ids"}]; returns ({id: RequestOutput}, stats)."""
+def run_requests(llm, prompts: list[dict], params: list, on_step=None) -> tuple[dict, EngineRunStats]:
+    """prompts: [{"id", "prompt_token_ids"}]; returns ({id: RequestOutput}, stats). `on_step()` is called after
+    every engine step (the worker state is in this process: the engine runs without multiprocessing)."""
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
@@ -59,6 +60,8 @@ def run_requests(llm, prompts: list[dict], params: list) -> tuple[dict, EngineRu
         for out in engine.step():
             if out.finished:
                 outputs[out.request_id] = out
+        if on_step is not None:
+            on_step()
         stats.steps += 1
         running = list(scheduler.running)
         stats.peak_running = max(stats.peak_running, len(running))
