@@ -61,7 +61,7 @@ def test_make_serve_compacts_a_long_prompt_and_keeps_its_answer(tmp_path):
         assert stats["worker"]["compactions"] == 1 and stats["worker"]["failures"] == 0
         config = requests.get(f"{server.base_url}/v1/compaction/config", timeout=30).json()
         assert config["config"]["enabled"] and config["config"]["ratio"] == 10
-        assert config["config"]["refit_values"] is False and config["config"]["distinct_share"] == 0.5
+        assert config["config"]["refit_values"] is False and config["config"]["distinct_share"] == 0.25
     finally:
         stop_server(process)
     assert process.poll() is not None
