@@ -59,7 +59,7 @@ class CompactionConfig(BaseModel):
         description="Share of each head's budget kept for the keys least like the span's others (RoPE undone), "
         "chosen without any query: facts a later question asks for survive a compaction made before it "
         "(bench needle-replica). The rest goes to the keys the reference queries attend to; with the question "
-        "among them a larger share costs answers (bench needle-serving: 20x, 2K, 13/20 at 0.5, 17/20 at 0.25).",
+        "among them a larger share costs answers (bench needle-serving, 20x, 2K+4K: 27/40 at 0.5, 32/40 at 0.25).",
     )
     head_budget_file: str | None = Field(
         None,
