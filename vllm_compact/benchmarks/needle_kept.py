@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         outputs, _ = run_requests(llm, items, params, on_step=record)
         seconds = time.perf_counter() - t0
+        block = worker_state().layer_caches[0].shape[2]  # tokens per KV page
         hits, first_kept, rest_kept = 0, [], []
         for item, needle in zip(items, needles):
             text = outputs[item["id"]].outputs[0].text
@@ -107,7 +108,6 @@ def main(argv: list[str]) -> int:
             segment = next((s for rid, s in segments.items() if rid.startswith(item["id"])), None)
             kept = segment.kept_positions() if segment is not None else None
             share = kept_share(kept, shown) if kept is not None else None
-            block = worker_state().layer_caches[0].shape[2]
             span = None if segment is None else [segment.start_block * block, segment.end_block * block]
             if span is not None and span[0] <= first and end <= span[1]:
                 first_kept.append(share[NAME_TOKENS])
