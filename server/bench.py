@@ -1,4 +1,4 @@
-"""`vllm-compact bench am|needle|needle-sources|needle-diagnosis|needle-serving|needle-replica|needle-kept|throughput|reliability|head-budgets`: each benchmark writes JSON + markdown under bench/results/."""
+"""`vllm-compact bench am|needle|needle-sources|needle-diagnosis|needle-serving|needle-replica|needle-kept|throughput|serving|reliability|head-budgets`: each benchmark writes JSON + markdown under bench/results/."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "needle-replica": "vllm_compact.benchmarks.needle_replica",
     "needle-kept": "vllm_compact.benchmarks.needle_kept",
     "throughput": "vllm_compact.benchmarks.throughput",
+    "serving": "vllm_compact.benchmarks.serving",
     "reliability": "vllm_compact.benchmarks.reliability.cli",
     "head-budgets": "vllm_compact.benchmarks.head_budgets",
 }
@@ -21,7 +22,7 @@ BENCHMARKS = {
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
-        print("usage: vllm-compact bench {am,needle,needle-sources,needle-diagnosis,needle-serving,needle-replica,needle-kept,throughput,reliability,head-budgets} [--help]\n\n"
+        print("usage: vllm-compact bench {am,needle,needle-sources,needle-diagnosis,needle-serving,needle-replica,needle-kept,throughput,serving,reliability,head-budgets} [--help]\n\n"
               "  am          compaction quality and speed on captured SmolLM2 tensors\n"
               "  needle      needle-in-a-haystack accuracy and log-perplexity through the engine\n"
               "  needle-sources  needle retention per reference-query source (after / repeat-prefill), offline\n"
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> int:
               "  needle-replica  does the answer survive one compaction, per lever (offline replica)\n"
               "  needle-kept  which of a needle's tokens the served engine keeps, head by head\n"
               "  throughput  concurrent long requests with compaction off vs on\n"
+              "  serving     stock vLLM vs vllm-compact servers under `vllm bench serve` (throughput, TTFT, ITL, RSS)\n"
               "  reliability  1000+ requests (bad ones, disconnects, injected faults) against a live server\n"
               "  head-budgets  uniform vs calibrated per-head budgets on held-out real tensors, offline",
               file=sys.stderr)
