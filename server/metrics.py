@@ -29,15 +29,25 @@ COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("pages_freed", "scheduler", "pages_freed", "KV pages returned to the pool by compaction."),
     ("plans", "scheduler", "plans", "Compaction plans made by the scheduler."),
     ("pressure_steps", "scheduler", "pressure_steps", "Scheduler steps that compacted under memory pressure."),
-    ("rollbacks", "scheduler", "rollbacks", "Plans undone because the worker could not write them."),
+    ("rollbacks", "scheduler", "rollbacks", "Plans undone because the worker did not report them written."),
+    ("lost_plans", "scheduler", "lost_plans",
+     "Plans under memory pressure the worker did not report written: the request was preempted and recomputed."),
 )
 GAUGES: tuple[tuple[str, str, str, str], ...] = (
     ("logical_tokens", "totals", "logical_tokens", "Logical KV length summed over running requests."),
     ("physical_tokens", "totals", "physical_tokens", "KV slots held by running requests (after compaction)."),
     ("running_requests", "totals", "running_requests", "Requests running in the engine."),
-    ("reservoir_bytes", "worker", "reservoir_bytes", "Memory of the reference-query reservoirs."),
-    ("dense_copy_bytes", "worker", "dense_copy_bytes",
-     "CPU path: memory of the dense per-request copies of compacted requests' KV."),
+    ("reservoir_bytes", "worker", "reservoir_bytes",
+     "Memory of the reference-query reservoirs (requests that may still compact)."),
+    ("segment_bytes", "worker", "segment_bytes", "Metadata of compact segments (beta, positions) outside the pool."),
+    ("outside_pool_bytes", "worker", "outside_pool_bytes", "All memory compaction holds outside the KV pool now."),
+    ("outside_pool_bytes_peak", "worker", "outside_pool_bytes_peak",
+     "Peak of outside_pool_bytes since the server started."),
+    ("workspace_bytes_peak", "worker", "workspace_bytes_peak",
+     "Largest transient buffer of one step (a solve's batch, a compacted prefill chunk's page read)."),
+    ("compacted_pool_bytes", "worker", "compacted_pool_bytes", "KV pool bytes held by compacted requests now."),
+    ("outside_pool_ratio_max", "worker", "outside_pool_ratio_max",
+     "Largest ratio, over compacted requests now, of the memory one holds outside the pool to its pool pages."),
 )
 
 

@@ -1,7 +1,8 @@
 """Runs one vLLM engine scenario in its own process and saves what the tests compare (torch.save).
 
 Usage: python engine_runner.py SCENARIO.json OUT.pt
-The scenario JSON: {"model": path, "compaction": {...} | null, "engine": {...LLM kwargs}, "requests": [{"id",
+The scenario JSON: {"model": path, "compaction": {...} | null, "engine": {...LLM kwargs}, "engine_override": {...LLM
+kwargs applied after compaction's}, "requests": [{"id",
 "prompt_token_ids", "max_tokens", "logprobs", "prompt_logprobs", "abort_after_steps"}], "max_steps": int}
 """
 
@@ -29,7 +30,7 @@ def fetch_segments(worker, req_ids):
     state = worker_state()
     out = {}
     for req_id in req_ids:
-        seg = state.segments.get(req_id)
+        seg = state.segment(req_id)
         if seg is None:
             continue
         layers, positions = [], []
@@ -47,9 +48,12 @@ def worker_stats(worker):
     from vllm_compact.core.state import worker_state
 
     state = worker_state()
-    return None if state is None else {**state.stats.as_dict(), "segments": len(state.segments),
-                                       "reservoirs": len(state.reservoirs), "dense_copies": len(state.dense),
-                                       "dense_copy_bytes": state.dense.nbytes}
+    if state is None:
+        return None
+    return {**state.stats.as_dict(), "records": len(state.requests),
+            "segments": sum(r.segment is not None for r in state.requests.values()),
+            "reservoirs": sum(r.reservoir is not None for r in state.requests.values()),
+            "outside_pool_bytes": state.outside_pool_bytes}
 
 
 def main() -> None:
@@ -63,6 +67,7 @@ def main() -> None:
         from vllm_compact.integration.settings import engine_kwargs as compaction_kwargs
 
         engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **scenario["compaction"]), **engine_kwargs)
+    engine_kwargs.update(scenario.get("engine_override", {}))  # e.g. a worker class that is not ours
     llm = LLM(model=scenario["model"], **engine_kwargs)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler

@@ -33,6 +33,7 @@ from vllm_compact.integration.scheduler import (  # noqa: E402
 )
 
 BLOCK, TOKEN, STOP = 16, 7, 9
+WORKER = object()  # Harness.answer: the report our worker would send
 
 
 class Harness:
@@ -67,9 +68,10 @@ class Harness:
         self.output = self.sched.schedule()
         return compaction_step(self.output)
 
-    def answer(self, stop: tuple[str, ...] = (), failed: tuple[str, ...] = ()) -> None:
+    def answer(self, stop: tuple[str, ...] = (), failed: tuple[str, ...] = (), report=WORKER) -> None:
         """The model's output for the last scheduled step: a token for each request past its prompt, and the
-        worker's report that the plans of `failed` could not be carried out."""
+        worker's report as our worker makes it: every plan written but those of `failed`. `report=None`: the
+        output carries no report (a model runner that is not ours); or the CompactionReport given."""
         ids = list(self.output.num_scheduled_tokens)
         sampled = []
         for req_id in ids:
@@ -78,8 +80,12 @@ class Harness:
             sampled.append([STOP if req_id in stop else TOKEN] if done_prefill else [])
         output = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
                                    sampled_token_ids=sampled)
-        if failed:
-            output = CompactionModelRunnerOutput.of(output, CompactionReport(failed=failed))
+        step = compaction_step(self.output)
+        if report is WORKER:
+            report = None if step is None else CompactionReport(
+                written=tuple(p.req_id for p in step.plans if p.req_id not in failed), failed=failed)
+        if report is not None:
+            output = CompactionModelRunnerOutput.of(output, report)
         self.sched.update_from_output(self.output, output)
 
     def step(self, stop: tuple[str, ...] = ()):
@@ -183,11 +189,18 @@ def test_a_request_preempted_in_the_step_that_planned_its_compaction_returns_eve
     h.assert_everything_returned()
 
 
+# How a step's output can leave a plan unwritten: the worker tried and failed; the output carries no report (a model
+# runner that is not ours never executes a plan); the report leaves the plan out.
+UNWRITTEN = {"failed": {"failed": ("a",)}, "no report": {"report": None}, "left out": {"report": CompactionReport()}}
+
+
+@pytest.mark.parametrize("how", list(UNWRITTEN))
 @pytest.mark.parametrize("compaction", ["first", "second"])
-def test_a_plan_the_worker_could_not_carry_out_gives_the_request_back_its_pages(compaction, monkeypatch,
+def test_a_plan_the_worker_could_not_carry_out_gives_the_request_back_its_pages(compaction, how, monkeypatch,
                                                                                tiny_model_path):
-    """The worker reports a plan failed: the request's block table, its span (the old segment for a re-compaction)
-    and the pool are as before the plan, less only what the step itself allocated; the next plan succeeds."""
+    """Fail closed: a plan not reported written leaves the request's block table, its span (the old segment for a
+    re-compaction) and the pool as before the plan, less only what the step itself allocated; the next plan
+    succeeds."""
     _config(monkeypatch)
     h = Harness(tiny_model_path, num_blocks=64)
     request = h.add("a", prompt_tokens=200, max_tokens=150)
@@ -203,7 +216,7 @@ def test_a_plan_the_worker_could_not_carry_out_gives_the_request_back_its_pages(
         h.answer()
     planned = next(p for p in plan.plans if p.req_id == "a")
     assert all(blocks[i].is_null for i in range(planned.prev_end_block, planned.end_block))
-    h.answer(failed=("a",))
+    h.answer(**UNWRITTEN[how])
     grown = len(blocks) - len(before)  # pages vLLM gave the request for this step's token
     assert [b.block_id for b in blocks[: len(before)]] == [b.block_id for b in before]
     assert h.sched.planner.spans.get("a") is span_before
@@ -213,4 +226,61 @@ def test_a_plan_the_worker_could_not_carry_out_gives_the_request_back_its_pages(
     h.answer()
     assert h.sched.compactions(request) == (2 if compaction == "second" else 1)
     h.run_to_the_end()
+    h.assert_everything_returned()
+
+
+def test_a_partial_report_settles_only_the_plans_it_lists(monkeypatch, tiny_model_path):
+    """Two plans in one step, the report lists one as written: that one frees its source pages, the other is
+    undone (its request keeps its source pages and compacts later)."""
+    _config(monkeypatch)
+    h = Harness(tiny_model_path, num_blocks=64, max_batched=512)  # both prompts in one step: in step ever after
+    a = h.add("a", prompt_tokens=200, max_tokens=150)
+    b = h.add("b", prompt_tokens=200, max_tokens=150)
+    step = h.until_plan_for("a")
+    assert sorted(p.req_id for p in step.plans) == ["a", "b"], "the scenario must plan both in one step"
+    plan_a, plan_b = sorted(step.plans, key=lambda p: p.req_id)
+    blocks_b = h.sched._req_blocks("b")
+    free_before = h.pool.get_num_free_blocks()
+    h.answer(report=CompactionReport(written=("a",)))
+    assert h.sched.compactions(a) == 1 and h.sched.compactions(b) == 0
+    assert "b" not in h.sched.planner.spans
+    assert [blk.block_id for blk in blocks_b[plan_b.prev_end_block : plan_b.end_block]] == list(plan_b.source_block_ids)
+    # a's source pages and b's compact pages are back (the step's own new pages aside: none, decode within a page)
+    assert h.pool.get_num_free_blocks() == free_before + len(plan_a.source_block_ids) + len(plan_b.dest_block_ids)
+    assert h.sched.compaction_stats.rollbacks == 1
+    assert h.sched.compaction_stats.tokens_compacted == plan_a.logical_tokens * BLOCK
+    h.until_plan_for("b")
+    h.answer()
+    assert h.sched.compactions(b) == 1
+    h.run_to_the_end()
+    h.assert_everything_returned()
+
+
+@pytest.mark.parametrize("how", ["no report", "failed"])
+def test_an_unwritten_plan_under_memory_pressure_recomputes_the_request(how, monkeypatch, tiny_model_path):
+    """Under memory pressure the plan's source pages go back to the pool at planning: it cannot be undone. Not
+    reported written, its request is preempted (every page back, compaction state gone, the step's token
+    discarded), counted as lost, and recomputed from its tokens to the end."""
+    config = CompactionConfig(enabled=True, ratio=4, trigger_tokens=10_000, recent_window_tokens=32,
+                              protected_initial_tokens=0, memory_pressure=True)
+    monkeypatch.setenv(ENV_VAR, config.to_env())
+    h = Harness(tiny_model_path, num_blocks=40)
+    request = h.add("a", prompt_tokens=360, max_tokens=120)
+    step = h.until_plan_for("a")
+    plan = next(p for p in step.plans if p.req_id == "a")
+    assert plan.sources_released, "the scenario must compact under memory pressure"
+    outputs_before = request.num_output_tokens
+    h.answer(**({"report": None} if how == "no report" else {"failed": ("a",)}))
+    assert request.status == RequestStatus.PREEMPTED and request.num_preemptions == 1
+    assert request.num_computed_tokens == 0 and request.num_output_tokens == outputs_before  # token discarded
+    assert "a" not in h.sched.planner.spans and h.sched.compactions(request) == 0
+    assert h.pool.get_num_free_blocks() == h.free_at_start
+    assert h.sched.compaction_stats.lost_plans == 1 and h.sched.compaction_stats.rollbacks == 0
+    h.schedule()
+    assert "a" in h.output.preempted_req_ids  # the worker drops its compaction state
+    cached = h.output.scheduled_cached_reqs
+    assert "a" in cached.resumed_req_ids and "a" in cached.all_token_ids  # and trims the discarded token
+    h.answer()
+    h.run_to_the_end()
+    assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED and request.num_output_tokens == 120
     h.assert_everything_returned()

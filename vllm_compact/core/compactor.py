@@ -66,8 +66,8 @@ class SegmentCompactor:
 
     def _head_inputs(self, plan: RequestCompactionPlan) -> list[_HeadInput]:
         geo = self.geo
-        old = self.state.segments.get(plan.req_id) if plan.prev_end_block > plan.start_block else None
-        reservoir = self.state.reservoirs.get(plan.req_id)
+        old = self.state.segment(plan.req_id) if plan.prev_end_block > plan.start_block else None
+        reservoir = self.state.reservoir_of(plan.req_id)
         source = torch.tensor(plan.source_block_ids, dtype=torch.int64)
         new_positions = torch.arange(plan.prev_end_block * geo.block_size, plan.end_block * geo.block_size)
         group = geo.num_q_heads // geo.num_kv_heads
@@ -171,12 +171,13 @@ class SegmentCompactor:
         return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas, kept_positions)
 
     def execute(self, step: CompactionStep) -> CompactionReport:
-        """Every plan ends with its segment written, or listed as failed with nothing changed (the scheduler still
-        holds its source pages and gives them back to the request). A plan whose source pages were released at
-        planning cannot be undone: its last resort is the newest keys of the span, a copy that needs no solve."""
+        """Every plan ends with its segment written (listed in `written`), or listed as failed with nothing changed
+        (the scheduler still holds its source pages and gives them back to the request). A plan whose source pages
+        were released at planning cannot be undone: its last resort is the newest keys of the span, a copy that
+        needs no solve; if even that fails, it is reported failed and the scheduler recomputes the request."""
         by_method: dict[str, list[RequestCompactionPlan]] = {}
         for plan in step.plans:
-            reservoir = self.state.reservoirs.get(plan.req_id)
+            reservoir = self.state.reservoir_of(plan.req_id)
             has_queries = reservoir is not None and reservoir.size > 0
             method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
             by_method.setdefault(method, []).append(plan)
@@ -188,7 +189,8 @@ class SegmentCompactor:
                 logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
                 failed.extend(plan.req_id for plan in plans if not self._execute_alone(method, plan))
         self.state.stats.faults_injected = self.faults.injected
-        return CompactionReport(failed=tuple(failed))
+        written = tuple(plan.req_id for plan in step.plans if plan.req_id not in failed)
+        return CompactionReport(written=written, failed=tuple(failed))
 
     def _execute_alone(self, method: str, plan: RequestCompactionPlan) -> bool:
         try:
@@ -200,8 +202,12 @@ class SegmentCompactor:
                 logger.exception("vllm-compact: compaction of %s failed; it stays uncompacted", plan.req_id)
                 return False
             logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
+        try:
             self._execute_batch("recent", [plan], faults=False)
             return True
+        except Exception:  # noqa: BLE001 - reported failed: the scheduler recomputes the request's KV
+            logger.exception("vllm-compact: copying the newest keys of %s failed too", plan.req_id)
+            return False
 
     def _execute_batch(self, method: str, plans: list[RequestCompactionPlan], faults: bool = True) -> None:
         """Every (request, layer, KV head) of these plans in one call of the AM core; segments are installed only
@@ -217,7 +223,7 @@ class SegmentCompactor:
         heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
         segments = [self._write(plan, result, positions, i * heads_per_plan, faults) for i, plan in enumerate(plans)]
         for plan, segment in zip(plans, segments):
-            self.state.segments[plan.req_id] = segment
+            self.state.record(plan.req_id, captures=False).segment = segment
         self.state.stats.compactions += len(plans)
         self.state.stats.heads_fell_back += int(result.fell_back.sum())
         self.state.stats.seconds.append(time.perf_counter() - started)

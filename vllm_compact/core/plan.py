@@ -12,10 +12,11 @@ class RequestCompactionPlan:
 
     Blocks [start_block, prev_end_block) are already a compact segment (re-compaction folds it in with its beta);
     `source_block_ids` hold the uncompacted blocks [prev_end_block, end_block). The scheduler holds the source and
-    previous compact pages until the worker's report says the compact pages are written; a plan the worker could not
-    carry out leaves the request exactly as it was (source pages in its block table, old segment in place). With
-    `sources_released` (memory pressure) they are already back in the pool: the worker reads them before the step
-    writes any KV (synchronous scheduling), and its last resort is a copy of the span's newest keys.
+    previous compact pages until the worker's report lists the plan as written; any other plan leaves the request
+    exactly as it was (source pages in its block table, old segment in place). With `sources_released` (memory
+    pressure) they are already back in the pool: the worker reads them before the step writes any KV (synchronous
+    scheduling), and its last resort is a copy of the span's newest keys; such a plan cannot be undone, so if it is
+    not reported written the scheduler preempts the request, which recomputes its KV from its tokens.
     """
 
     req_id: str
@@ -43,6 +44,9 @@ class CompactionStep:
 
 @dataclass(frozen=True)
 class CompactionReport:
-    """What the worker did with a step's plans: every plan not listed in `failed` has its segment written."""
+    """What the worker did with a step's plans. Fail closed: only the plans listed in `written` have their segment
+    written; the scheduler undoes every other plan of the step, whether the worker listed it in `failed`, left it
+    out, or sent no report at all (a model runner that is not ours never executes a plan)."""
 
-    failed: tuple[str, ...] = ()  # req_ids left uncompacted (their KV is still in the source pages)
+    written: tuple[str, ...] = ()  # req_ids whose compact segment is written and installed
+    failed: tuple[str, ...] = ()   # req_ids the worker tried and left uncompacted (logs and stats only)

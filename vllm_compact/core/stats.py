@@ -11,7 +11,8 @@ class SchedulerCompactionStats:
     tokens_compacted: int = 0
     pages_freed: int = 0
     pressure_steps: int = 0
-    rollbacks: int = 0  # plans the worker could not carry out: the request kept its pages
+    rollbacks: int = 0  # plans the worker did not report written: the request kept its pages
+    lost_plans: int = 0  # plans under memory pressure not reported written: the request was preempted (recomputed)
 
     def record_written(self, tokens: int, pages_freed: int) -> None:
         self.tokens_compacted += tokens
@@ -27,8 +28,12 @@ class WorkerCompactionStats:
     failures: int = 0
     heads_fell_back: int = 0
     seconds: list[float] = field(default_factory=list)
-    reservoir_bytes: int = 0
     faults_injected: int = 0  # test-only fault switch (core/faults.py)
+    workspace_bytes_peak: int = 0  # the largest transient buffer of one step (a solve's batch, a prefill read)
+    outside_pool_bytes_peak: int = 0
+
+    def note_workspace(self, nbytes: int) -> None:
+        self.workspace_bytes_peak = max(self.workspace_bytes_peak, nbytes)
 
     def as_dict(self) -> dict:
         d = asdict(self)

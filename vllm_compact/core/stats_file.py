@@ -32,7 +32,8 @@ class SchedulerStats(TypedDict):
     tokens_compacted: int
     pages_freed: int
     pressure_steps: int
-    rollbacks: int  # plans undone because the worker could not write them (the request kept its pages)
+    rollbacks: int  # plans undone because the worker did not report them written (the request kept its pages)
+    lost_plans: int  # plans under memory pressure not reported written (the request was preempted, recomputed)
 
 
 class SecondsHistogram(TypedDict):
@@ -46,8 +47,18 @@ class WorkerStats(TypedDict):
     heads_fell_back: int
     seconds_total: float
     seconds_hist: SecondsHistogram
+    # Memory compaction holds outside the KV pool (its pages are counted by the pool): reference-query reservoirs of
+    # requests that may still compact, compact segments' metadata (beta, positions); their sum now and its peak;
+    # the largest transient buffer of a step (a solve's batch, a prefill chunk's page read).
     reservoir_bytes: int
-    dense_copy_bytes: int  # CPU path: dense copies of compacted requests' KV (core/dense_cache.py)
+    segment_bytes: int
+    outside_pool_bytes: int
+    outside_pool_bytes_peak: int
+    workspace_bytes_peak: int
+    # Compacted requests now: the pool bytes they hold, and the largest ratio of one's outside-pool bytes to them.
+    compacted_requests: int
+    compacted_pool_bytes: int
+    outside_pool_ratio_max: float
     faults_injected: int   # test-only fault switch (core/faults.py); 0 in production
 
 
@@ -96,11 +107,17 @@ def worker_stats_path(stats_path: str | os.PathLike) -> Path:
 
 
 def worker_stats(compactions: int, failures: int, heads_fell_back: int, seconds: Iterable[float],
-                 reservoir_bytes: int, dense_copy_bytes: int = 0, faults_injected: int = 0) -> WorkerStats:
+                 reservoir_bytes: int = 0, segment_bytes: int = 0, outside_pool_bytes_peak: int = 0,
+                 workspace_bytes_peak: int = 0, compacted_requests: int = 0, compacted_pool_bytes: int = 0,
+                 outside_pool_ratio_max: float = 0.0, faults_injected: int = 0) -> WorkerStats:
     seconds = list(seconds)
+    outside = reservoir_bytes + segment_bytes
     return WorkerStats(compactions=compactions, failures=failures, heads_fell_back=heads_fell_back,
                        seconds_total=float(sum(seconds)), seconds_hist=seconds_histogram(seconds),
-                       reservoir_bytes=reservoir_bytes, dense_copy_bytes=dense_copy_bytes,
+                       reservoir_bytes=reservoir_bytes, segment_bytes=segment_bytes, outside_pool_bytes=outside,
+                       outside_pool_bytes_peak=max(outside_pool_bytes_peak, outside),
+                       workspace_bytes_peak=workspace_bytes_peak, compacted_requests=compacted_requests,
+                       compacted_pool_bytes=compacted_pool_bytes, outside_pool_ratio_max=outside_pool_ratio_max,
                        faults_injected=faults_injected)
 
 

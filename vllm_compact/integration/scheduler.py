@@ -3,14 +3,15 @@
 Planning happens BEFORE vLLM schedules the step: the destination pages come from the pool and the compacted blocks
 leave the request's block table. Only pages that were full before the step are compacted, and the worker executes
 the plans before the step writes any KV (synchronous scheduling). The source pages (and a re-compacted segment's old
-pages) go back to the pool only when the step's output reports the compact pages written; a plan the worker could not
-carry out is undone, and the request goes on with the pages it had. Under memory pressure this very step needs the
-pages, so they are freed at planning; the worker's last resort for such a plan is a copy of the span's newest keys
-(core/compactor.py).
+pages) go back to the pool only when the step's output reports the compact pages written; any other plan (failed,
+or not reported at all: fail closed) is undone, and the request goes on with the pages it had. Under memory pressure
+this very step needs the pages, so they are freed at planning; the worker's last resort for such a plan is a copy of
+the span's newest keys (core/compactor.py), and if it is not reported written the request is recomputed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, fields
 
 from vllm.logger import init_logger
@@ -67,11 +68,10 @@ class CompactionModelRunnerOutput(ModelRunnerOutput):
         return _extended(cls, ModelRunnerOutput, output, kv_compaction=report)
 
 
-def compaction_report(output: ModelRunnerOutput) -> CompactionReport:
-    """The worker's report; an output without one (no compaction worker, e.g. a hand-driven scheduler) failed
-    nothing."""
-    report = output.kv_compaction if isinstance(output, CompactionModelRunnerOutput) else None
-    return report or CompactionReport()
+def compaction_report(output: ModelRunnerOutput) -> CompactionReport | None:
+    """The worker's report; None for an output without one (a model runner that is not ours, an output of another
+    type): it wrote nothing, and the step's plans are undone."""
+    return output.kv_compaction if isinstance(output, CompactionModelRunnerOutput) else None
 
 
 @dataclass
@@ -222,15 +222,28 @@ class CompactionScheduler(Scheduler):
             self._export_stats(force=True)  # the settled counters, before the engine may go idle
         return outputs
 
-    def _settle(self, step: CompactionStep, report: CompactionReport) -> None:
-        """Free what each written plan replaced; undo each failed one. A request that ended since its plan was made
-        has settled its held pages already (`_free_request_blocks`)."""
+    def _settle(self, step: CompactionStep, report: CompactionReport | None) -> None:
+        """Fail closed: free what each plan reported WRITTEN replaced; undo every other plan (failed, left out of
+        the report, or no report at all). A plan under memory pressure gave its pages back at planning and cannot
+        be undone: unwritten, its request is preempted and recomputes its KV (`_recompute_lost`). A request that
+        ended since its plan was made has settled its held pages already (`_free_request_blocks`)."""
+        written = frozenset(report.written) if report is not None else frozenset()
+        unreported = [p.req_id for p in step.plans
+                      if p.req_id not in written and (report is None or p.req_id not in report.failed)]
+        if unreported:
+            logger.error("vllm-compact: the worker reported nothing for the compaction plans of %s (%s); undoing them",
+                         unreported, "the step's output carries no compaction report" if report is None
+                         else "left out of its report")
         pool = self._block_pool
         for plan in step.plans:
+            if plan.sources_released:
+                if plan.req_id not in written:
+                    self._recompute_lost(plan)
+                continue
             held = self._held.pop(plan.req_id, None)
             if held is None:
                 continue
-            if plan.req_id not in report.failed:
+            if plan.req_id in written:
                 self._release_replaced(held.plan, held.source, held.old_span)
                 self._rollbacks.pop(plan.req_id, None)
                 continue
@@ -238,12 +251,38 @@ class CompactionScheduler(Scheduler):
             blocks[plan.prev_end_block : plan.end_block] = held.source
             pool.free_blocks(self._span_blocks(self.planner.restore(plan.req_id, held.old_span)))
             self.compaction_stats.rollbacks += 1
-            self._rollbacks[plan.req_id] = self._rollbacks.get(plan.req_id, 0) + 1
-            if self._rollbacks[plan.req_id] >= MAX_ROLLBACKS:
-                logger.error("vllm-compact: request %s failed to compact %d times; serving it without compaction",
-                             plan.req_id, MAX_ROLLBACKS)
-                cfg = self._request_configs.get(plan.req_id, self.compaction_config)
-                self._request_configs[plan.req_id] = cfg.model_copy(update={"enabled": False})
+            self._count_failure(plan.req_id)
+
+    def _count_failure(self, req_id: str) -> None:
+        self._rollbacks[req_id] = self._rollbacks.get(req_id, 0) + 1
+        if self._rollbacks[req_id] >= MAX_ROLLBACKS:
+            logger.error("vllm-compact: request %s failed to compact %d times; serving it without compaction",
+                         req_id, MAX_ROLLBACKS)
+            cfg = self._request_configs.get(req_id, self.compaction_config)
+            self._request_configs[req_id] = cfg.model_copy(update={"enabled": False})
+
+    def _recompute_lost(self, plan: RequestCompactionPlan) -> None:
+        """A plan made under memory pressure was not written: its source pages went back to the pool at planning
+        (this step may have reused them) and its destination pages hold nothing, so the span's KV is lost. The
+        request is preempted as vLLM preempts for lack of pages: every page back to the pool, its compaction state
+        dropped (here and, through the next step's preempted ids, in the worker), and this step's output for it
+        discarded (it read the lost span); it is then recomputed from its tokens."""
+        self.compaction_stats.lost_plans += 1
+        # Counted as compacted at planning (`_release_replaced`); its pages did go back to the pool.
+        self.compaction_stats.tokens_compacted -= (plan.end_block - plan.prev_end_block) * self.block_size
+        request = self.requests.get(plan.req_id)
+        if request is None or request.status != RequestStatus.RUNNING:
+            logger.error("vllm-compact: the compaction of %s under memory pressure was not written; the request has "
+                         "ended and released its pages", plan.req_id)
+            return
+        logger.error("vllm-compact: the compaction of %s under memory pressure was not written and its source pages "
+                     "are gone; preempting it to recompute its KV", plan.req_id)
+        self._count_failure(plan.req_id)
+        self.running.remove(request)
+        self._preempt_request(request, time.monotonic(), drop_stale_output=True)
+        # As vLLM's reset_prefix_cache does: the worker is sent the request's tokens again when it resumes, so the
+        # token it sampled this step (now discarded) is dropped there too.
+        self.prev_step_scheduled_req_ids.discard(request.request_id)
 
     def _span_blocks(self, span: CompactedSpan | None) -> list[KVCacheBlock]:
         return [self._block_pool.blocks[i] for i in span.page_ids] if span is not None else []
@@ -305,7 +344,7 @@ class CompactionScheduler(Scheduler):
             "config": self.compaction_config.model_dump(),
             "scheduler": self.compaction_stats.as_dict(),
             # The worker writes its counters to a file of its own (it may be another process); readers merge it.
-            "worker": worker_stats(compactions=0, failures=0, heads_fell_back=0, seconds=(), reservoir_bytes=0),
+            "worker": worker_stats(compactions=0, failures=0, heads_fell_back=0, seconds=()),
             "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": len(self.running)},
             "pool": {"free_pages": pool.get_num_free_blocks(), "total_pages": pool.num_gpu_blocks},
         }

@@ -24,6 +24,8 @@ from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.integration.block_probe import stock_block_layout
 from vllm_compact.core.plan import CompactionReport
+from vllm_compact.core.planner import may_compact_again
+from vllm_compact.core.request_overrides import request_config
 from vllm_compact.integration.scheduler import CompactionModelRunnerOutput, compaction_step
 from vllm_compact.core.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
@@ -54,8 +56,12 @@ def model_rotary(model: torch.nn.Module) -> Rotary | None:
 
 def file_stats(state: WorkerCompactionState) -> WorkerStats:
     """The worker's counters as its stats file carries them: every counter of `state.stats` (faults_injected
-    included) plus the dense copies' bytes."""
-    return worker_stats(**asdict(state.stats), dense_copy_bytes=state.dense.nbytes)
+    included) plus the memory compaction holds outside the pool now."""
+    count, pool_bytes, ratio = state.compacted_memory()
+    state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
+    return worker_stats(**asdict(state.stats), reservoir_bytes=state.reservoir_bytes,
+                        segment_bytes=state.segment_bytes, compacted_requests=count, compacted_pool_bytes=pool_bytes,
+                        outside_pool_ratio_max=ratio)
 
 
 class CompactionCPUModelRunner(CPUModelRunner):
@@ -77,6 +83,8 @@ class CompactionCPUModelRunner(CPUModelRunner):
         state.num_layers = len(attn)
         state.layer_caches = [layer.kv_cache for _, layer in attn]
         state.input_batch = self.input_batch
+        state.runner_requests = self.requests
+        state.block_size = state.layer_caches[0].shape[2]
         first = attn[0][1]
         cache = state.layer_caches[0]
         geometry = ModelGeometry(
@@ -92,6 +100,7 @@ class CompactionCPUModelRunner(CPUModelRunner):
         return SegmentCompactor(state, layout, geometry)
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
+        self._report = None  # never a previous step's: a plan missing from its own step's report is undone
         state = worker_state()
         if state is not None and self.kv_caches:
             if self._compactor is None:
@@ -101,15 +110,34 @@ class CompactionCPUModelRunner(CPUModelRunner):
             step = compaction_step(scheduler_output)
             if step is not None:
                 self._report = self._compactor.execute(step)
+                self._stop_finished_captures(state, step)
+            state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
             if self._stats_file is not None:
                 self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None)
         return self._with_report(super().execute_model(scheduler_output, intermediate_tensors))
+
+    def _stop_finished_captures(self, state: WorkerCompactionState, step) -> None:
+        """A request just compacted that cannot reach another compaction drops its reservoir."""
+        for plan in step.plans:
+            record, cached = state.requests.get(plan.req_id), self.requests.get(plan.req_id)
+            written = record is not None and record.segment is not None and record.segment.end_block == plan.end_block
+            if not written or not record.captures or cached is None or cached.sampling_params is None:
+                continue
+            try:
+                cfg = request_config(state.config, cached.sampling_params.extra_args)
+            except Exception:  # noqa: BLE001 - refused at admission; nothing to keep for it
+                state.stop_capture(plan.req_id)
+                continue
+            final_tokens = len(cached.prompt_token_ids or ()) + (cached.sampling_params.max_tokens or 0)
+            if not may_compact_again(cfg, final_tokens, state.block_size, plan.end_block * state.block_size):
+                state.stop_capture(plan.req_id)
 
     def sample_tokens(self, *args, **kwargs):
         return self._with_report(super().sample_tokens(*args, **kwargs))
 
     def _with_report(self, output):
-        """The step's output, carrying the report of the plans executed at its start (if any)."""
+        """The step's output, carrying the report of the plans executed at its start (if any). An output that
+        cannot carry it reaches the scheduler without a report, which then undoes the step's plans (fail closed)."""
         if self._report is None or not isinstance(output, ModelRunnerOutput):
             return output
         report, self._report = self._report, None
