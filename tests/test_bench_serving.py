@@ -324,6 +324,36 @@ def test_stop_server_ends_the_whole_group_and_kills_what_ignores_sigterm():
     assert not serving._group_alive(process.pid)
 
 
+def _fake_run(tmp_path, server_code: str):
+    from pathlib import Path
+
+    run = _runs(["--workloads", "short"], tmp=str(tmp_path))[0]
+    run.server_argv = [sys.executable, "-c", server_code]
+    run.log_path = Path(tmp_path) / "stock-short.server.log"
+    return run
+
+
+def test_a_server_that_exits_at_start_fails_the_run_with_its_log_tail(tmp_path):
+    from tests.serving.live_server import free_port
+
+    run = _fake_run(tmp_path, "print('CUDA out of imagination'); raise SystemExit(3)")
+    args = parse_args(["--workloads", "short", "--port", str(free_port()), "--start-timeout", "60"])
+    with pytest.raises(serving.RunError, match=r"exited with code 3(.|\n)*CUDA out of imagination"):
+        serving.execute(run, args, per_token=23040)
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(tmp_path):
+    from tests.serving.live_server import free_port
+
+    run = _fake_run(tmp_path, "import time; print('compiling', flush=True); time.sleep(120)")
+    args = parse_args(["--workloads", "short", "--port", str(free_port()), "--start-timeout", "2",
+                       "--stop-timeout", "5"])
+    t0 = time.monotonic()
+    with pytest.raises(serving.RunError, match=r"did not answer /health within 2 s(.|\n)*compiling"):
+        serving.execute(run, args, per_token=23040)
+    assert time.monotonic() - t0 < 30
+
+
 def test_tree_rss_without_psutil_matches():
     mine = serving.tree_rss_bytes(os.getpid())
     assert mine > 0 and abs(serving._proc_tree_rss(os.getpid()) - mine) < mine * 0.2

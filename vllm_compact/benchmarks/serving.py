@@ -828,8 +828,9 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         model_dir = local_model_dir(args.model)
         if model_dir is None:
-            print(f"vllm-compact bench serving: model {args.model!r} is not fetched (vllm-compact models fetch "
-                  f"{args.model}); a dry run fetches nothing", file=sys.stderr)
+            why = (f"is not fetched (vllm-compact models fetch {args.model}); a dry run fetches nothing"
+                   if args.model in registry.MODELS else "is neither a model folder nor a `vllm-compact models` name")
+            print(f"vllm-compact bench serving: --model {args.model!r} {why}", file=sys.stderr)
             return 2
     else:
         model_dir = resolve_model(args.model)
