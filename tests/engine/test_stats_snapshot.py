@@ -57,7 +57,7 @@ def test_worker_counters_reach_the_file_with_faults_injected(tmp_path):
     got = file_stats(state)
     assert set(got) == set(WorkerStats.__annotations__)
     assert (got["compactions"], got["failures"], got["faults_injected"]) == (7, 2, 3)
-    assert got["seconds_total"] == 0.75 and got["dense_copy_bytes"] == 0
+    assert got["seconds_total"] == 0.75 and got["outside_pool_bytes"] == 0
     # The scheduler's snapshot leaves the worker section at zero; the worker's own file replaces it on reading.
     sched = _scheduler(BlockPool(num_gpu_blocks=4, enable_caching=False, hash_block_size=16))
     write_stats_file(tmp_path / "s.json", {**sched._stats_snapshot(), "updated": 1.0, "requests": {}})

@@ -12,7 +12,9 @@ def snapshot(compactions: int = 0, seconds: tuple[float, ...] = (), physical: in
                       "pressure_steps": 0},
         "worker": {"compactions": compactions, "failures": 0, "heads_fell_back": 0, "seconds_total": sum(seconds),
                    "seconds_hist": seconds_histogram(seconds), "reservoir_bytes": 4096,
-                   "dense_copy_bytes": 8192, "faults_injected": 0},
+                   "segment_bytes": 8192, "outside_pool_bytes": 12288, "outside_pool_bytes_peak": 12288,
+                   "workspace_bytes_peak": 65536, "compacted_requests": 1, "compacted_pool_bytes": 49152,
+                   "outside_pool_ratio_max": 0.25, "faults_injected": 0},
         "totals": {"logical_tokens": logical, "physical_tokens": physical, "running_requests": 1 if logical else 0},
         "pool": {"free_pages": 99, "total_pages": 100},
     }

@@ -128,7 +128,7 @@ def test_the_worker_file_becomes_the_worker_section(tmp_path, monkeypatch):
     assert WorkerStatsFileWriter.from_env(rank=1) is None  # only rank 0 writes
     writer = WorkerStatsFileWriter.from_env(rank=0)
     stats = worker_stats(compactions=2, failures=1, heads_fell_back=3, seconds=[0.02, 0.3], reservoir_bytes=512,
-                         dense_copy_bytes=2048)
+                         segment_bytes=2048)
     assert writer.maybe_write(lambda: stats)
     assert not writer.maybe_write(lambda: stats)  # throttled
     assert writer.maybe_write(lambda: {**stats, "compactions": 3}, force=True)
@@ -146,7 +146,8 @@ def test_the_workers_counters_convert_as_they_are():
     from vllm_compact.core.stats import WorkerCompactionStats
 
     counters = WorkerCompactionStats(compactions=4, failures=1, heads_fell_back=2, seconds=[0.5, 0.25],
-                                     reservoir_bytes=64)
-    got = worker_stats(**asdict(counters))
-    assert (got["compactions"], got["failures"], got["heads_fell_back"], got["reservoir_bytes"]) == (4, 1, 2, 64)
+                                     workspace_bytes_peak=64, outside_pool_bytes_peak=4096)
+    got = worker_stats(**asdict(counters), reservoir_bytes=1024, segment_bytes=512)
+    assert (got["compactions"], got["failures"], got["heads_fell_back"], got["workspace_bytes_peak"]) == (4, 1, 2, 64)
+    assert (got["outside_pool_bytes"], got["outside_pool_bytes_peak"]) == (1536, 4096)
     assert got["seconds_total"] == 0.75 and sum(got["seconds_hist"]["counts"]) == 2

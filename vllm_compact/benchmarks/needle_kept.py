@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     segments: dict[str, object] = {}  # the engine's request id -> its latest compact segment
 
     def record() -> None:
-        segments.update(worker_state().segments)
+        segments.update({r: rec.segment for r, rec in worker_state().requests.items() if rec.segment is not None})
 
     rows, prompts = [], []
     started = time.perf_counter()

@@ -54,6 +54,21 @@ class PagePlan:
     release_now: bool = False  # under memory pressure: the step needs the freed pages, before the worker has run
 
 
+def may_compact_again(cfg: CompactionConfig, final_tokens: int, block_size: int, compacted_until: int = 0) -> bool:
+    """Whether a request that will hold `final_tokens` (prompt + max tokens) can still be planned a compaction that
+    reads reference queries, without memory pressure; `compacted_until` is the end of its segment (tokens, 0 if
+    none). The worker captures queries only for such requests: the others never read them (under pressure they
+    are compacted by position, the way a request without queries is)."""
+    method = method_class(cfg.method)
+    if not cfg.enabled or not method.compacts or not method.needs_queries:
+        return False
+    if compacted_until > 0 and not cfg.recompact:
+        return False
+    start = max(math.ceil(cfg.protected_initial_tokens / block_size) * block_size, compacted_until)
+    end = (final_tokens - cfg.recent_window_tokens) // block_size * block_size
+    return end - start >= cfg.trigger_tokens
+
+
 class CompactionPlanner:
     def __init__(self, policy: HeadBudgetPolicy, block_size: int) -> None:
         self.policy = policy

@@ -1,7 +1,9 @@
-"""Worker-process state of compaction: compact segments, query reservoirs, counters.
+"""Worker-process state of compaction: one record per request (compact segment, query reservoir), counters.
 
 One instance per worker process (`worker_state()`), shared by the model runner (which executes plans) and the
-attention backend (which captures queries and reads segments).
+attention backend (which captures queries and reads segments). A compacted request's KV lives only in its pool
+pages: attention reads them in place each step, so what a request holds outside the pool is its reservoir (only
+while it can still compact) and its segment's per-entry metadata (beta, positions).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_compact.config import CompactionConfig
-from vllm_compact.core.dense_cache import DenseKVCache
 from vllm_compact.core.stats import WorkerCompactionStats
 
 
@@ -31,6 +32,12 @@ class CompactSegment:
     head_len: torch.Tensor    # [num_layers, Hkv] int32
     beta: list[torch.Tensor]  # per layer, [entries of that layer] fp32
     positions: list[torch.Tensor]  # per layer, [entries of that layer] int64
+
+    @property
+    def nbytes(self) -> int:
+        """Its metadata outside the pool (the entries themselves live in its pool pages)."""
+        tensors = [self.page_ids, self.head_start, self.head_len, *self.beta, *self.positions]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def kept_positions(self) -> list[list[list[int]]]:
         """[layer][head] the positions of the keys each head kept, in entry order."""
@@ -79,33 +86,94 @@ class QueryReservoir:
 
 
 @dataclass
+class WorkerRequest:
+    """The worker's compaction state of one request (one record per request)."""
+
+    captures: bool  # its queries are captured: it may still compact and its method reads reference queries
+    segment: CompactSegment | None = None
+    reservoir: QueryReservoir | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds outside the KV pool: the reservoir and the segment's per-entry metadata."""
+        held = self.reservoir.nbytes if self.reservoir is not None else 0
+        if self.segment is not None:
+            held += self.segment.nbytes
+        return held
+
+
+@dataclass
 class WorkerCompactionState:
     config: CompactionConfig
-    segments: dict[str, CompactSegment] = field(default_factory=dict)
-    reservoirs: dict[str, QueryReservoir] = field(default_factory=dict)
+    requests: dict[str, WorkerRequest] = field(default_factory=dict)
     stats: WorkerCompactionStats = field(default_factory=WorkerCompactionStats)
-    dense: DenseKVCache = field(default_factory=DenseKVCache)  # CPU fast path, see dense_cache.py
     # Filled by the model runner once the model and KV caches exist.
     num_layers: int = 0
     layer_caches: list[torch.Tensor] = field(default_factory=list)  # per layer index, [nb, Hkv, bs, 2D]
+    block_size: int = 0
     input_batch: object = None
+    runner_requests: dict | None = None  # the model runner's per-request state (prompt, sampling params)
 
-    def reservoir(self, req_id: str, num_heads: int, head_dim: int, dtype: torch.dtype) -> QueryReservoir:
-        res = self.reservoirs.get(req_id)
-        if res is None:
+    def segment(self, req_id: str) -> CompactSegment | None:
+        record = self.requests.get(req_id)
+        return None if record is None else record.segment
+
+    def reservoir_of(self, req_id: str) -> QueryReservoir | None:
+        record = self.requests.get(req_id)
+        return None if record is None else record.reservoir
+
+    def record(self, req_id: str, captures: bool) -> WorkerRequest:
+        """The request's record, made on first sight with its capture decision."""
+        record = self.requests.get(req_id)
+        if record is None:
+            record = self.requests[req_id] = WorkerRequest(captures=captures)
+        return record
+
+    def reservoir(self, record: WorkerRequest, num_heads: int, head_dim: int, dtype: torch.dtype) -> QueryReservoir:
+        if record.reservoir is None:
             capacity = max(1, min(self.config.recent_window_tokens, self.config.max_reference_queries))
-            res = QueryReservoir(self.num_layers, capacity, num_heads, head_dim, dtype)
-            self.reservoirs[req_id] = res
-            self.stats.reservoir_bytes += res.nbytes
-        return res
+            record.reservoir = QueryReservoir(self.num_layers, capacity, num_heads, head_dim, dtype)
+        return record.reservoir
+
+    def stop_capture(self, req_id: str) -> None:
+        """The request cannot compact again: its reservoir goes."""
+        record = self.requests.get(req_id)
+        if record is not None:
+            record.captures, record.reservoir = False, None
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:
-            self.segments.pop(req_id, None)
-            self.dense.drop(req_id)
-            res = self.reservoirs.pop(req_id, None)
-            if res is not None:
-                self.stats.reservoir_bytes -= res.nbytes
+            self.requests.pop(req_id, None)
+
+    @property
+    def reservoir_bytes(self) -> int:
+        return sum(r.reservoir.nbytes for r in self.requests.values() if r.reservoir is not None)
+
+    @property
+    def segment_bytes(self) -> int:
+        return sum(r.segment.nbytes for r in self.requests.values() if r.segment is not None)
+
+    @property
+    def outside_pool_bytes(self) -> int:
+        """Everything compaction holds outside the KV pool now (per-step transients excluded: see stats)."""
+        return sum(r.nbytes for r in self.requests.values())
+
+    def compacted_memory(self) -> tuple[int, int, float]:
+        """(compacted requests, the pool bytes they hold, the largest ratio of one's outside-pool bytes to its pool
+        bytes). A request's pool pages are its compact pages plus its tail blocks (head pages and pages after the
+        segment), from the model runner's block list."""
+        page_bytes = sum(cache[0].numel() * cache.element_size() for cache in self.layer_caches)
+        count, pool_bytes, ratio = 0, 0, 0.0
+        for req_id, record in self.requests.items():
+            segment = record.segment
+            cached = self.runner_requests.get(req_id) if self.runner_requests is not None else None
+            if segment is None or cached is None:
+                continue
+            blocks = len(cached.block_ids[0]) - (segment.end_block - segment.start_block) + len(segment.page_ids)
+            held = blocks * page_bytes
+            count, pool_bytes = count + 1, pool_bytes + held
+            ratio = max(ratio, record.nbytes / held if held else 0.0)
+        return count, pool_bytes, ratio
 
 
 _STATE: WorkerCompactionState | None = None

@@ -1,10 +1,14 @@
 """CPU attention backend with compaction: stock kernel for plain requests, tail + compact segment for the others.
 
 Requests without a compact segment go through vLLM's own CPU kernel untouched (when no request in the batch is
-compacted, the stock metadata and forward are used as they are). A compacted request's attention is the exact
-log-sum-exp merge of (a) causal attention over its uncompacted tail (protected head pages + pages after the
-segment) and (b) bias-aware attention over its compact segment. Queries of every request are captured into its
-reservoir as they pass: they are the reference queries of later compactions.
+compacted, the stock metadata and forward are used as they are). A compacted request's attention is the merge of
+(a) causal attention over its uncompacted tail (protected head pages + pages after the segment) and (b) bias-aware
+attention over its compact segment, both read in place from the pool pages:
+- a decode token takes (a) from vLLM's own kernel, twice: without a sink and with the segment's log-sum-exp as the
+  sink logit, whose ratio is the tail's share of the merged softmax (kernels/merge.py: merge_with_sink);
+- a prefill chunk reads its pages into buffers that live for one layer (core/request_kv.py) and merges exactly.
+Queries are captured into a request's reservoir only while it may still compact (core/planner.py:
+may_compact_again): they are the reference queries of its next compaction.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_compact.core.compact_pages import page_view
+from vllm_compact.core.compact_pages import gather_layer, page_view
+from vllm_compact.core.planner import may_compact_again
+from vllm_compact.core.request_kv import read_request_kv
+from vllm_compact.core.request_overrides import request_config
+from vllm_compact.core.state import CompactSegment, WorkerCompactionState, WorkerRequest, worker_state
 from vllm_compact.integration.block_probe import stock_block_layout
-from vllm_compact.core.state import CompactSegment, worker_state
+from vllm_compact.kernels.compact_attention import attend_entries
+from vllm_compact.kernels.merge import merge_with_sink
 from vllm_compact.kernels.request_attention import compacted_attention
 
 
@@ -37,13 +46,14 @@ class CompactedRequestView:
     tail_block_ids: torch.Tensor  # [n] int64: protected head pages, then the pages after the segment
     tail_len: int                 # physical tokens in those pages, this step's tokens included
     segment: CompactSegment
+    tail_metadata: CPUAttentionMetadata | None = None  # decode: the stock kernel's metadata for the tail alone
 
 
 @dataclass
 class CompactionAttentionInfo:
-    req_ids: list[str]                   # per batch row
     query_start_loc: list[int]           # per batch row, plus the end
     compacted: list[CompactedRequestView]
+    captures: list[tuple[int, WorkerRequest]]  # (batch row, record) of the requests whose queries are kept
     plain_token_index: torch.Tensor | None = None   # tokens of plain requests (when some are compacted)
     plain_metadata: CPUAttentionMetadata | None = None
 
@@ -65,12 +75,15 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if len(req_ids) != num_reqs or any(r is None for r in req_ids):
             return meta  # a dummy/profiling batch
         qsl = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
-        info = CompactionAttentionInfo(req_ids=req_ids, query_start_loc=qsl, compacted=[])
+        info = CompactionAttentionInfo(query_start_loc=qsl, compacted=[], captures=[])
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].tolist()
         block_table = common_attn_metadata.block_table_tensor
         plain_rows = []
         for row, req_id in enumerate(req_ids):
-            segment = state.segments.get(req_id)
+            record = state.requests.get(req_id) or state.record(req_id, self._captures(state, req_id))
+            if record.captures:
+                info.captures.append((row, record))
+            segment = record.segment
             if segment is None:
                 plain_rows.append(row)
                 continue
@@ -79,30 +92,52 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             row_blocks = block_table[row]
             tail_ids = torch.cat([row_blocks[: segment.start_block], row_blocks[segment.end_block : num_blocks]])
             compacted_tokens = (segment.end_block - segment.start_block) * self.block_size
-            info.compacted.append(
-                CompactedRequestView(
-                    req_id=req_id,
-                    query_start=qsl[row],
-                    query_len=qsl[row + 1] - qsl[row],
-                    tail_block_ids=tail_ids.long(),
-                    tail_len=seq_len - compacted_tokens,
-                    segment=segment,
-                )
+            view = CompactedRequestView(
+                req_id=req_id,
+                query_start=qsl[row],
+                query_len=qsl[row + 1] - qsl[row],
+                tail_block_ids=tail_ids.long(),
+                tail_len=seq_len - compacted_tokens,
+                segment=segment,
             )
+            if view.query_len == 1:
+                view.tail_metadata = self._stock_metadata(meta, [1], [view.tail_len], tail_ids[None].int())
+            info.compacted.append(view)
         if info.compacted and plain_rows:
             info.plain_token_index, info.plain_metadata = self._plain_subset(meta, plain_rows, qsl, seq_lens)
-        meta.compaction = info
+        if info.compacted or info.captures:
+            meta.compaction = info
         return meta
+
+    @staticmethod
+    def _captures(state: WorkerCompactionState, req_id: str) -> bool:
+        """Whether a request seen for the first time may compact later (its queries are then kept)."""
+        cached = state.runner_requests.get(req_id) if state.runner_requests is not None else None
+        params = getattr(cached, "sampling_params", None)
+        if cached is None or params is None or cached.prompt_token_ids is None:
+            return False
+        try:
+            cfg = request_config(state.config, params.extra_args)
+        except Exception:  # noqa: BLE001 - refused at admission; the scheduler serves it without compaction
+            return False
+        final_tokens = len(cached.prompt_token_ids) + (params.max_tokens or 0)
+        return may_compact_again(cfg, final_tokens, state.block_size)
 
     def _plain_subset(self, meta, rows, qsl, seq_lens):
         """Stock metadata for the plain requests alone, and where their tokens sit in the batch."""
         token_index = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in rows])
-        query_lens = torch.tensor([qsl[r + 1] - qsl[r] for r in rows], dtype=torch.int32)
-        query_start_loc = torch.zeros(len(rows) + 1, dtype=torch.int32)
-        query_start_loc[1:] = torch.cumsum(query_lens, 0)
-        sub_seq_lens = torch.tensor([seq_lens[r] for r in rows], dtype=torch.int32)
+        plain = self._stock_metadata(meta, [qsl[r + 1] - qsl[r] for r in rows], [seq_lens[r] for r in rows],
+                                     meta.block_table[rows])
+        return token_index, plain
+
+    def _stock_metadata(self, meta, query_lens: list[int], seq_lens: list[int], block_table) -> CPUAttentionMetadata:
+        """The stock kernel's metadata for a sub-batch: these query lengths over these blocks and lengths."""
+        query_lens_t = torch.tensor(query_lens, dtype=torch.int32)
+        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+        query_start_loc[1:] = torch.cumsum(query_lens_t, 0)
+        sub_seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
         scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(rows),
+            num_reqs=len(query_lens),
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
@@ -116,18 +151,17 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             dynamic_causal=None,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        plain = CPUAttentionMetadata(
-            num_actual_tokens=int(token_index.numel()),
-            max_query_len=int(query_lens.max()),
+        return CPUAttentionMetadata(
+            num_actual_tokens=int(query_start_loc[-1]),
+            max_query_len=max(query_lens),
             query_start_loc=query_start_loc,
-            max_seq_len=int(sub_seq_lens.max()),
+            max_seq_len=max(seq_lens),
             seq_lens=sub_seq_lens,
-            block_table=meta.block_table[rows],
+            block_table=block_table,
             slot_mapping=meta.slot_mapping,
             scheduler_metadata=scheduler_metadata,
             causal=meta.causal,
         )
-        return token_index, plain
 
 
 class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -152,23 +186,40 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query[index], None, None, kv_cache, info.plain_metadata, plain_out)
             out[index] = plain_out
         layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
-        pages = page_view(kv_cache)
-        dense_cache = worker_state().dense
         for view in info.compacted:
             rows = slice(view.query_start, view.query_start + view.query_len)
-            kv = dense_cache.for_request(view.req_id, view.segment).layer(
-                self._layer_index, pages, view.tail_len,
-                None if key is None else key[rows], None if value is None else value[rows],
-                lambda view=view: layout.read(kv_cache, view.tail_block_ids),
-            )
-            out[rows] = compacted_attention(query[rows], *kv.buffers(), kv.num_entries, self.scale).to(output.dtype)
+            if view.tail_metadata is not None:
+                out[rows] = self._decode(layer, query[rows], kv_cache, view).to(output.dtype)
+                continue
+            kv = read_request_kv(view.segment, self._layer_index, kv_cache, layout, view.tail_block_ids, view.tail_len)
+            worker_state().stats.note_workspace(kv.nbytes)
+            out[rows] = compacted_attention(query[rows], kv.keys, kv.values, kv.bias, kv.num_entries,
+                                            self.scale).to(output.dtype)
         return output
+
+    def _decode(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, view: CompactedRequestView) -> torch.Tensor:
+        """One token of a compacted request: the entries in fp32, the tail by vLLM's kernel (merge_with_sink)."""
+        segment, layer_index = view.segment, self._layer_index
+        entries = gather_layer(page_view(kv_cache), segment.beta[layer_index], segment.page_ids,
+                               segment.head_start[layer_index], segment.head_len[layer_index])
+        q = query.float().view(1, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_size)
+        entries_out, entries_lse = attend_entries(q, entries, self.scale)
+        plain = torch.empty_like(query)
+        super().forward(layer, query, None, None, kv_cache, view.tail_metadata, plain)
+        sink = entries_lse.reshape(self.num_heads).clamp(min=-1e30)  # a head with no entries: no sink
+        sunk = torch.empty_like(query)
+        sinks, self.sinks = self.sinks, sink
+        try:
+            super().forward(layer, query, None, None, kv_cache, view.tail_metadata, sunk)
+        finally:
+            self.sinks = sinks
+        return merge_with_sink(sunk, plain, entries_out.view(1, self.num_heads, self.head_size))
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
         state = worker_state()
         qsl = info.query_start_loc
-        for row, req_id in enumerate(info.req_ids):
-            reservoir = state.reservoir(req_id, self.num_heads, self.head_size, query.dtype)
+        for row, record in info.captures:
+            reservoir = state.reservoir(record, self.num_heads, self.head_size, query.dtype)
             reservoir.append(self._layer_index, query[qsl[row] : qsl[row + 1]])
 
 
