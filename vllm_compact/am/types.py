@@ -1,4 +1,4 @@
-"""Input and output containers of a batched compaction call (contract: /work/briefs/contracts.md).
+"""Input and output containers of a batched compaction call: what every method in am/methods.py takes and returns.
 
 A batch holds any mix of (layer, KV head, request) spans, padded along T (keys), N (queries) and t (entries).
 """
