@@ -160,6 +160,31 @@ def check_head_budgets(config: CompactionConfig, model_dir: str | None, argv: li
         raise CompactionFlagError(f"{where}: {e}; allowed: {allowed_values('head_budget_file')}") from None
 
 
+def check_supported(model_dir: str | None, argv: list[str], args: argparse.Namespace | None = None) -> None:
+    """What KV compaction does not support (core/support.py) in the model's config.json and, once vLLM's parser
+    has run (`args`), in the parsed serve flags (parallelism, --kv-cache-dtype): a CompactionFlagError naming each,
+    before vLLM loads the model. The engine checks again on the configuration it resolves."""
+    from vllm_compact.core.support import (
+        PARALLEL_SETTINGS,
+        kv_cache_dtype_refusals,
+        model_refusals,
+        parallel_refusals,
+        refusal_message,
+    )
+    from vllm_compact.head_table import read_model_config
+
+    reasons = []
+    if args is not None:
+        reasons += parallel_refusals(**{name: getattr(args, name, None) for _, name, _ in PARALLEL_SETTINGS})
+        reasons += kv_cache_dtype_refusals(getattr(args, "kv_cache_dtype", None))
+        disable_sliding_window = bool(getattr(args, "disable_sliding_window", False))
+    else:
+        disable_sliding_window = any(t in ("--disable-sliding-window", "--disable_sliding_window") for t in argv)
+    reasons += model_refusals(read_model_config(model_dir), disable_sliding_window)
+    if reasons:
+        raise CompactionFlagError(refusal_message(reasons))
+
+
 def _dashed_compaction_flags(argv: list[str]) -> list[str]:
     """vLLM's parser accepts `--flag_name` for `--flag-name`; accept the same spelling of our flags."""
     out = []

@@ -1,7 +1,10 @@
 """`vllm-compact serve MODEL [vllm serve flags] [--kv-compaction ...]`: vLLM's OpenAI server with compaction.
 
 Our flags are validated by the one pydantic config model BEFORE vLLM is imported or loads anything: a bad value
-exits with code 2 and a message naming the flag, the value and what is allowed. Everything else is `vllm serve`:
+exits with code 2 and a message naming the flag, the value and what is allowed. With --kv-compaction, what compaction
+does not support (parallelism, a KV cache dtype other than the model's, a model with sliding window attention,
+soft-capping, sinks or hybrid layers: core/support.py) exits 2 too, naming the flag or config.json field, before the
+model loads. Everything else is `vllm serve`:
 the same parser, the same dispatch (single or multiple API servers, headless, gRPC).
 """
 
@@ -20,6 +23,7 @@ from vllm_compact.server.flags import (
     add_compaction_args,
     check_compaction_argv,
     check_head_budgets,
+    check_supported,
     compaction_config_from_args,
     local_model_dir,
     model_from_argv,
@@ -92,6 +96,8 @@ def main(argv: list[str]) -> int:
     try:
         config = check_compaction_argv(argv)  # fast: before importing vLLM
         check_head_budgets(config, local_model_dir(model_from_argv(argv)), argv)
+        if config.enabled:  # a model compaction does not support (sliding window, ...), from its config.json
+            check_supported(local_model_dir(model_from_argv(argv)), argv)
     except CompactionFlagError as e:
         return _fail(str(e))
 
@@ -117,6 +123,8 @@ def main(argv: list[str]) -> int:
     try:
         # The model is known now (fetched, from --config, ...); the model loads only in ServeSubcommand.cmd.
         check_head_budgets(config, local_model_dir(args.model), argv)
+        if config.enabled:  # and vLLM's own flags are parsed: parallelism, --kv-cache-dtype
+            check_supported(local_model_dir(args.model), argv, args)
     except CompactionFlagError as e:
         return _fail(str(e))
     if config.enabled:

@@ -39,6 +39,11 @@ def make_engine(model: str, compaction: dict | None, **engine_kwargs):
     from vllm import LLM
 
     if compaction is not None:
+        from vllm_compact.core.support import model_refusals, raise_refusals
+        from vllm_compact.head_table import read_model_config
+
+        # A model compaction does not support is refused before it loads (the scheduler would refuse it after).
+        raise_refusals(model_refusals(read_model_config(model), bool(engine_kwargs.get("disable_sliding_window"))))
         engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **compaction), **engine_kwargs)
     return LLM(model=model, **engine_kwargs)
 

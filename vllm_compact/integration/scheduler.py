@@ -29,6 +29,8 @@ from vllm_compact.core.request_overrides import request_config
 from vllm_compact.core.stats import SchedulerCompactionStats
 from vllm_compact.core.stats_file import StatsFileWriter, worker_stats
 from vllm_compact.head_table import read_model_config, resolve_head_budgets
+from vllm_compact.integration.prefix_cache import CompactionPrefixCacheGuard
+from vllm_compact.integration.engine_support import check_engine_supported
 
 logger = init_logger(__name__)
 
@@ -89,10 +91,11 @@ class CompactionScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         config = config_from_env()
         self.compaction_config: CompactionConfig = config or CompactionConfig(enabled=False)
-        groups = self.kv_cache_config.kv_cache_groups
-        self.compaction_active = self.compaction_config.enabled and len(groups) == 1
-        if self.compaction_config.enabled and len(groups) != 1:
-            logger.warning("vllm-compact: %d KV cache groups (hybrid model); compaction disabled", len(groups))
+        if self.compaction_config.enabled:
+            # Refused, never silently disabled: the server would still say compaction is on. `vllm-compact serve`
+            # refused most of these before loading the model; the offline LLM API first meets them here.
+            check_engine_supported(self.vllm_config, self.kv_cache_config)
+        self.compaction_active = self.compaction_config.enabled
         if self.scheduler_config.async_scheduling and self.compaction_active:
             # Freed source pages could be rewritten while an in-flight step still reads them.
             logger.warning("vllm-compact: async scheduling is not supported with compaction; compaction disabled")
@@ -102,6 +105,7 @@ class CompactionScheduler(Scheduler):
         self._held: dict[str, HeldPages] = {}
         self._rollbacks: dict[str, int] = {}
         self.stats_writer = StatsFileWriter.from_env() if self.compaction_active else None
+        self.prefix_guard = CompactionPrefixCacheGuard(self.kv_cache_manager) if self.compaction_active else None
         if self.compaction_active:
             model_config = self.vllm_config.model_config
             parallel = self.vllm_config.parallel_config
@@ -198,6 +202,7 @@ class CompactionScheduler(Scheduler):
         else:
             self._held[plan.req_id] = HeldPages(plan, source, old)
         self.planner.record(plan, [b.block_id for b in dest])
+        self.prefix_guard.freeze(plan.req_id)
         self.compaction_stats.plans += 1
         return RequestCompactionPlan(
             req_id=plan.req_id,
@@ -315,6 +320,7 @@ class CompactionScheduler(Scheduler):
             if held is not None:
                 pages += self._replaced_blocks(held.source, held.old_span)
             self._block_pool.free_blocks(pages)
+            self.prefix_guard.release(request.request_id)
         super()._free_request_blocks(request)
 
     # ---- accounting -------------------------------------------------------------------------------------------

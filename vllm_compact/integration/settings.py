@@ -53,11 +53,11 @@ def activate(config: CompactionConfig) -> dict:
     from vllm_compact.integration.install import install
 
     install(config)  # this process too (plugins may already have been loaded before the env was set)
-    logger.info("vllm-compact: prefix caching is disabled while KV compaction is enabled (compact pages are private)")
+    # Prefix caching stays as the user set it (vLLM's default: on): integration/prefix_cache.py keeps blocks written
+    # under a compaction history out of the cache.
     return {
         "scheduler_cls": SCHEDULER_CLS,
         "worker_cls": WORKER_CLS,
-        "enable_prefix_caching": False,
         "async_scheduling": False,
         "logits_processors": [VALIDATOR_CLS],
     }
@@ -69,8 +69,20 @@ def _with_validator(ours: dict, theirs: list | None) -> dict:
     return {**ours, "logits_processors": given + [p for p in ours["logits_processors"] if p not in given]}
 
 
+def check_engine_kwargs(config: CompactionConfig, kwargs: dict) -> None:
+    """Refuse (UnsupportedSetting, a ValueError) what compaction does not support among `vllm.LLM` kwargs, before
+    any model loads; the engine's scheduler checks again on the configuration vLLM resolves."""
+    if not config.enabled:
+        return
+    from vllm_compact.core.support import PARALLEL_SETTINGS, kv_cache_dtype_refusals, parallel_refusals, raise_refusals
+
+    reasons = parallel_refusals(**{name: kwargs.get(name) for _, name, _ in PARALLEL_SETTINGS})
+    raise_refusals(reasons + kv_cache_dtype_refusals(kwargs.get("kv_cache_dtype")))
+
+
 def engine_kwargs(config: CompactionConfig, **kwargs) -> dict:
     """kwargs for `vllm.LLM(...)` / `EngineArgs(...)` with compaction on: `LLM(model, **engine_kwargs(cfg))`."""
+    check_engine_kwargs(config, kwargs)
     return {**kwargs, **_with_validator(activate(config), kwargs.get("logits_processors"))}
 
 
