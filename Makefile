@@ -1,6 +1,7 @@
 # The README's two commands. Both set up everything they need, idempotently.
 #   make serve   compaction-enabled OpenAI server on the default model (127.0.0.1:$(PORT))
 #   make test    the whole test suite
+#   make test-fast  core, AM math, kernels, config and flags tests: no vLLM engine, no server (~2-3 min on 2 cores)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 VC     := $(VENV)/bin/vllm-compact
@@ -10,7 +11,12 @@ MODEL  ?= smollm2-135m
 SERVE_ARGS ?=
 STAMP  := $(VENV)/.vllm-compact-installed
 
-.PHONY: serve test setup models
+.PHONY: serve test test-fast setup models
+
+# No vLLM engine and no server in these (vLLM's argument parser and hand-built scheduler configs at most).
+FAST_TESTS := tests/core tests/am tests/kernels tests/test_boundary.py tests/test_calibration.py \
+	tests/serving/test_request_overrides.py tests/serving/test_serve_cli.py tests/serving/test_serve_refusals.py \
+	tests/serving/test_cuda_refusal.py tests/serving/test_memory_default.py tests/serving/test_stats_file.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +38,6 @@ serve: models
 
 test: models
 	$(PY) -m pytest -q -x -p no:cacheprovider tests
+
+test-fast: models
+	$(PY) -m pytest -q -x -p no:cacheprovider $(FAST_TESTS)
