@@ -75,23 +75,47 @@ def main() -> None:
     free_initial = pool.get_num_free_blocks()
 
     requests = {r["id"]: r for r in scenario["requests"]}
-    for r in scenario["requests"]:
+
+    def add(r):
         params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], logprobs=r.get("logprobs"),
                                 prompt_logprobs=r.get("prompt_logprobs"), ignore_eos=True,
                                 extra_args=r.get("extra_args"))
         engine.add_request(r["id"], {"prompt_token_ids": r["prompt_token_ids"]}, params)
 
+    results = {rid: {"events": [], "output": None} for rid in requests}
+    # A request with "after": it is added once that request has finished (a later turn or a later user).
+    pending = [r for r in scenario["requests"] if r.get("after")]
+    for r in scenario["requests"]:
+        if not r.get("after"):
+            add(r)
+    first_compaction: dict[str, int] = {}  # internal id -> tokens computed before its first compaction step
+    prefix_violations: list[str] = []
+
+    def check_prefix_cache():
+        """No block written after a request's first compaction, and no compact page, is a prefix-cache block."""
+        planner = getattr(scheduler, "planner", None)
+        if planner is None:
+            return
+        for iid, span in planner.spans.items():
+            for page in span.page_ids:
+                if pool.blocks[page].block_hash is not None:
+                    prefix_violations.append(f"{iid}: compact page {page} is cached")
+            blocks = scheduler._req_blocks(iid)
+            for index in range(first_compaction.get(iid, 0) // scheduler.block_size, len(blocks)):
+                block = blocks[index]
+                if not block.is_null and block.block_hash is not None:
+                    prefix_violations.append(f"{iid}: block {index} written after compaction is cached")
+
     def internal_id(external: str) -> str | None:
         return next((k for k in scheduler.requests if k == external or k.startswith(external + "-")), None)
 
-    results = {rid: {"events": [], "output": None} for rid in requests}
     peak_running = 0
     peak_used_blocks = 0
     preemptions: dict[str, int] = {}
     max_physical: dict[str, int] = {}
     max_logical: dict[str, int] = {}
     step = 0
-    while engine.has_unfinished_requests() and step < scenario.get("max_steps", 10_000):
+    while (engine.has_unfinished_requests() or pending) and step < scenario.get("max_steps", 10_000):
         computed_before = {}
         compactions_before = {}
         for rid in requests:
@@ -119,6 +143,9 @@ def main() -> None:
             count = scheduler.compactions(scheduler.requests[iid]) if iid and hasattr(scheduler, "compactions") else 0
             if count and count != compactions_before.get(rid, 0):
                 changed[iid] = rid
+        for iid, rid in changed.items():
+            first_compaction.setdefault(iid, computed_before[rid])
+        check_prefix_cache()
         if changed:
             segs = llm.collective_rpc(fetch_segments, args=(list(changed),))[0]
             for iid, rid in changed.items():
@@ -126,6 +153,9 @@ def main() -> None:
         for out in outputs:
             if out.finished:
                 results[out.request_id]["output"] = out
+        for r in [r for r in pending if results[r["after"]]["output"] is not None]:
+            pending.remove(r)
+            add(r)
         for rid, r in requests.items():
             if r.get("abort_after_steps") == step:
                 engine.abort_request([rid])
@@ -147,6 +177,7 @@ def main() -> None:
         final[rid] = {
             "events": res["events"],
             "prompt_token_ids": list(out.prompt_token_ids),
+            "num_cached_tokens": out.num_cached_tokens,
             "token_ids": list(comp.token_ids),
             "logprobs": [{t: lp.logprob for t, lp in d.items()} for d in (comp.logprobs or [])],
             "prompt_logprobs": [None if d is None else {t: lp.logprob for t, lp in d.items()}
@@ -165,6 +196,8 @@ def main() -> None:
         "scheduler": getattr(scheduler, "compaction_stats", None) and scheduler.compaction_stats.as_dict(),
         "worker": llm.collective_rpc(worker_stats)[0],
         "block_size": scheduler.block_size,
+        "prefix_violations": prefix_violations,
+        "first_compaction": first_compaction,
     }
     torch.save({"requests": final, "stats": stats}, sys.argv[2])
 
