@@ -86,7 +86,9 @@ def _regularised(matrix: Tensor, valid: Tensor, lam: Tensor) -> Tensor:
         return result
     pair = valid[:, :, None] & valid[:, None, :]
     diag = torch.where(valid, lam[:, None], torch.ones_like(lam)[:, None])
-    return torch.where(pair, matrix, 0.0) + torch.diag_embed(diag)
+    regularised = torch.where(pair, matrix, 0.0)
+    regularised.diagonal(dim1=-2, dim2=-1).add_(diag)
+    return regularised
 
 
 def _primal(gram: Tensor, xty: Tensor, col_valid: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:

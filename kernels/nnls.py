@@ -70,7 +70,8 @@ def solve_regularised(G: Tensor, b: Tensor, col_valid: Tensor, ridge: float) -> 
     lam = ridge * torch.where(col_valid, torch.diagonal(G, dim1=1, dim2=2), 0.0).sum(dim=1) / n_valid
     lam = torch.where(torch.isfinite(lam) & (lam > 0), lam, torch.full_like(lam, 1e-30))
     diag = torch.where(col_valid, lam[:, None], torch.ones_like(lam)[:, None])
-    A = torch.where(pair, G, 0.0) + torch.diag_embed(diag)
+    A = torch.where(pair, G, 0.0)
+    A.diagonal(dim1=1, dim2=2).add_(diag)  # in place: a [H, t, t] diagonal matrix costs as much as A itself
     rhs = torch.where(col_valid, b, 0.0)[:, :, None]
     chol, info = torch.linalg.cholesky_ex(A)
     w = torch.cholesky_solve(rhs, chol)[:, :, 0]

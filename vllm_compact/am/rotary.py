@@ -42,6 +42,9 @@ class Rotary:
         """fp32 keys [..., T, D] as they were before the rotation at `positions` [..., T] (int64)."""
         half = self.cos.shape[1]
         x = keys.float()
+        rows = positions.reshape(-1, positions.shape[-1])
+        if rows.shape[0] > 1 and bool((rows == rows[:1]).all()):
+            positions = rows[0]  # every head of a batch at the same positions: one table lookup, broadcast
         cos = self.cos.to(x.device)[positions]
         sin = self.sin.to(x.device)[positions]
         if self.neox:
