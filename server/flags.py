@@ -37,6 +37,7 @@ COMPACTION_FLAGS: dict[str, str] = {
     "--kv-compaction-max-reference-queries": "max_reference_queries",
     "--kv-compaction-value-ridge": "value_ridge",
     "--kv-compaction-distinct-share": "distinct_share",
+    "--kv-compaction-layers-per-step": "layers_per_step",
 }
 # Boolean fields get --flag / --no-flag.
 COMPACTION_SWITCHES: dict[str, str] = {

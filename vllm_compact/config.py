@@ -67,6 +67,14 @@ class CompactionConfig(BaseModel):
         "(smollm2-135m, qwen2.5-0.5b; `vllm-compact calibrate` writes others), uniform for other models; "
         "'uniform' forces uniform budgets.",
     )
+    layers_per_step: int = Field(
+        4,
+        ge=0,
+        description="Layers of compaction work per engine step, all requests together: a compaction spreads over "
+        "several steps (the request attends over its full pages until every layer is done) instead of stalling "
+        "every co-scheduled request for the whole solve. 0: a compaction runs whole in one step. Under memory "
+        "pressure a compaction always runs whole (the step needs its pages).",
+    )
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
     compact_during_prefill: bool = Field(

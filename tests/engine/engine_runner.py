@@ -89,6 +89,8 @@ def main() -> None:
         if not r.get("after"):
             add(r)
     first_compaction: dict[str, int] = {}  # internal id -> tokens computed before its first compaction step
+    awaiting: dict[str, tuple[str, int, int]] = {}  # internal id -> (id, step planned, tokens computed before)
+    seen_end: dict[str, int] = {}  # internal id -> end block of the last segment recorded
     prefix_violations: list[str] = []
 
     def check_prefix_cache():
@@ -145,11 +147,17 @@ def main() -> None:
                 changed[iid] = rid
         for iid, rid in changed.items():
             first_compaction.setdefault(iid, computed_before[rid])
+            awaiting[iid] = (rid, step, computed_before[rid])
         check_prefix_cache()
-        if changed:
-            segs = llm.collective_rpc(fetch_segments, args=(list(changed),))[0]
-            for iid, rid in changed.items():
-                results[rid]["events"].append({"step": step, "computed_before": computed_before[rid], **segs[iid]})
+        if awaiting:
+            # A plan's segment is installed once the worker has written every layer (possibly steps later); a plan
+            # undone meanwhile never shows one (its request plans again).
+            segs = llm.collective_rpc(fetch_segments, args=(list(awaiting),))[0]
+            for iid in [i for i in awaiting if i in segs and segs[i]["end_block"] != seen_end.get(i)]:
+                rid, planned_step, before = awaiting.pop(iid)
+                seen_end[iid] = segs[iid]["end_block"]
+                results[rid]["events"].append({"step": planned_step, "installed_step": step,
+                                               "computed_before": before, **segs[iid]})
         for out in outputs:
             if out.finished:
                 results[out.request_id]["output"] = out

@@ -284,3 +284,38 @@ def test_an_unwritten_plan_under_memory_pressure_recomputes_the_request(how, mon
     h.run_to_the_end()
     assert request.status == RequestStatus.FINISHED_LENGTH_CAPPED and request.num_output_tokens == 120
     h.assert_everything_returned()
+
+
+def test_a_plan_in_flight_holds_its_pages_until_written_and_is_never_planned_twice(monkeypatch, tiny_model_path):
+    """The worker carries a plan over several steps (layer chunks) and reports it pending: its source pages stay
+    held and the request is not planned again; once written they return. A pending plan the worker then leaves out
+    of its report is undone, and the next step tells the worker to drop it."""
+    _config(monkeypatch)
+    h = Harness(tiny_model_path, num_blocks=64)
+    a = h.add("a", prompt_tokens=200, max_tokens=150)
+    plan = h.until_plan_for("a").plans[0]
+    h.answer(report=CompactionReport(pending=("a",)))
+    held_free = h.pool.get_num_free_blocks()
+    for _ in range(3):  # steps in flight: no new plan, the source pages held, the request still running
+        assert h.schedule() is None
+        h.answer(report=CompactionReport(pending=("a",)))
+        assert h.sched.compactions(a) == 1 and h.pool.get_num_free_blocks() <= held_free
+    assert h.schedule() is None
+    h.answer(report=CompactionReport(written=("a",)))
+    assert h.pool.get_num_free_blocks() >= held_free + len(plan.source_block_ids) - 1  # one page for new tokens
+    assert h.sched.compaction_stats.tokens_compacted == plan.logical_tokens * BLOCK
+
+    # the second compaction stays in flight, then the worker's report leaves it out: undone and cancelled
+    second = h.until_plan_for("a").plans[0]
+    h.answer(report=CompactionReport(pending=("a",)))
+    assert h.schedule() is None
+    h.answer(report=CompactionReport())
+    assert h.sched.compaction_stats.rollbacks == 1
+    assert h.sched.planner.spans["a"].end_block == plan.end_block  # the first segment stands
+    blocks = h.sched._req_blocks("a")
+    assert [b.block_id for b in blocks[second.prev_end_block : second.end_block]] == list(second.source_block_ids)
+    step = h.schedule()  # the worker drops the undone plan before it takes this step's plans (a new one for a)
+    assert step is not None and step.cancelled == ("a",)
+    h.answer()
+    h.run_to_the_end()
+    h.assert_everything_returned()

@@ -48,7 +48,8 @@ def _run_job(job: dict) -> dict:
     compaction = None
     if job["method"] != "none":
         compaction = {"method": job["method"], "ratio": job["ratio"], "trigger_tokens": job["trigger"],
-                      "recent_window_tokens": job["recent"], "protected_initial_tokens": job["protected"]}
+                      "recent_window_tokens": job["recent"], "protected_initial_tokens": job["protected"],
+                      "layers_per_step": 0}  # answers are judged on the compacted context from their second token
     llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=8192, seed=0,
                       max_num_batched_tokens=job["chunk"], enable_chunked_prefill=True)
     prompts, params, meta = [], [], []

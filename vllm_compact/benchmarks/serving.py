@@ -11,7 +11,7 @@ after --stop-timeout) and the next server waits for the port to be free.
 Workloads (each size can be overridden for all selected workloads by the flags below):
   unique         random prompts: 16 x 3000 input tokens, 128 output, concurrency 4
   shared-prefix  prefix_repetition: 2 prefixes of 2500 tokens + 60-token suffixes, 64 output, 16 prompts,
-                 concurrency 4 (stock vLLM's prefix cache helps; compaction turns it off)
+                 concurrency 4 (both servers keep vLLM's prefix cache on)
   memory-bound   random prompts: 32 x 4000 input tokens, 128 output, all 32 at once; the KV pool holds only
                  --pool-requests (8) uncompacted requests of input+output tokens, sized from the model's config.json
   short          random prompts: 32 x 512 input tokens, 128 output, concurrency 8 (never compacts)

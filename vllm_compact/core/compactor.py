@@ -61,10 +61,11 @@ class SegmentCompactor:
         self.layout = layout
         self.geo = geometry
         self.faults = FaultInjector.from_env()
+        self.in_flight: dict[str, _PlanInProgress] = {}  # req_id -> plan being carried out, oldest first
 
     # ---- gather -----------------------------------------------------------------------------------------------
 
-    def _head_inputs(self, plan: RequestCompactionPlan) -> list[_HeadInput]:
+    def _head_inputs(self, plan: RequestCompactionPlan, layers: range) -> list[_HeadInput]:
         geo = self.geo
         old = self.state.segment(plan.req_id) if plan.prev_end_block > plan.start_block else None
         reservoir = self.state.reservoir_of(plan.req_id)
@@ -72,7 +73,7 @@ class SegmentCompactor:
         new_positions = torch.arange(plan.prev_end_block * geo.block_size, plan.end_block * geo.block_size)
         group = geo.num_q_heads // geo.num_kv_heads
         inputs = []
-        for layer in range(geo.num_layers):
+        for layer in layers:
             cache = self.state.layer_caches[layer]
             new_keys, new_values = self.layout.read(cache, source)  # [Hkv, n*bs, D]
             if reservoir is not None:
@@ -149,52 +150,90 @@ class SegmentCompactor:
 
     # ---- write ------------------------------------------------------------------------------------------------
 
-    def _write(self, plan: RequestCompactionPlan, result, positions: torch.Tensor, first_head: int,
-               faults: bool = True) -> CompactSegment:
+    def _write(self, work: _PlanInProgress, layers: range, result, positions: torch.Tensor, first_head: int,
+               faults: bool = True) -> None:
+        """Pack layers `layers` of the plan's result into its destination pages; the segment is installed once
+        every layer is written (`_finish`)."""
         geo = self.geo
-        dest = torch.tensor(plan.dest_block_ids, dtype=torch.int32)
-        head_start = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.int32)
-        head_len = torch.zeros_like(head_start)
-        betas, kept_positions = [], []
-        for layer in range(geo.num_layers):
-            rows = range(first_head + layer * geo.num_kv_heads, first_head + (layer + 1) * geo.num_kv_heads)
+        dest = torch.tensor(work.plan.dest_block_ids, dtype=torch.int32)
+        for i, layer in enumerate(layers):
+            rows = range(first_head + i * geo.num_kv_heads, first_head + (i + 1) * geo.num_kv_heads)
             lengths = [int(result.length[r]) for r in rows]
-            head_start[layer], head_len[layer] = write_layer(
+            work.head_start[layer], work.head_len[layer] = write_layer(
                 page_view(self.state.layer_caches[layer]), dest,
                 [result.keys[r, :n] for r, n in zip(rows, lengths)],
                 [result.values[r, :n] for r, n in zip(rows, lengths)],
             )
-            betas.append(torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous())
-            kept_positions.append(torch.cat([positions[r, result.indices[r, :n]] for r, n in zip(rows, lengths)]))
-            if faults and layer == 0:
+            work.betas[layer] = torch.cat([result.beta[r, :n].float() for r, n in zip(rows, lengths)]).contiguous()
+            work.positions[layer] = torch.cat([positions[r, result.indices[r, :n]] for r, n in zip(rows, lengths)])
+            if faults and i == 0:
                 self.faults.check("write")  # a failure halfway: the pages are private to the plan
-        return CompactSegment(plan.start_block, plan.end_block, dest, head_start, head_len, betas, kept_positions)
 
-    def execute(self, step: CompactionStep) -> CompactionReport:
-        """Every plan ends with its segment written (listed in `written`), or listed as failed with nothing changed
-        (the scheduler still holds its source pages and gives them back to the request). A plan whose source pages
-        were released at planning cannot be undone: its last resort is the newest keys of the span, a copy that
-        needs no solve; if even that fails, it is reported failed and the scheduler recomputes the request."""
-        by_method: dict[str, list[RequestCompactionPlan]] = {}
+    # ---- execute ----------------------------------------------------------------------------------------------
+
+    def execute(self, step: CompactionStep, layers_per_step: int = 0) -> CompactionReport:
+        """Carry this step's share of the plans in flight; every plan ends with its segment written (`written`), or
+        listed as failed with nothing changed (the scheduler still holds its source pages and gives them back).
+
+        A plan runs `layers_per_step` layers per step at most, all plans together (0: whole plans), oldest plan
+        first; the others stay `pending`, and the request attends over its pages as before until its segment is
+        installed. A plan whose source pages were released at planning (memory pressure) runs whole now: this
+        step may reuse those pages. It cannot be undone: its last resort is the newest keys of the span, a copy
+        that needs no solve; if even that fails, it is reported failed and the scheduler recomputes the request.
+        """
+        for req_id in step.cancelled:
+            self.in_flight.pop(req_id, None)
         for plan in step.plans:
             reservoir = self.state.reservoir_of(plan.req_id)
             has_queries = reservoir is not None and reservoir.size > 0
             method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
-            by_method.setdefault(method, []).append(plan)
+            self.in_flight[plan.req_id] = _PlanInProgress.start(plan, method, self.geo.num_layers)
+        chunks = self._chunks(layers_per_step)
         failed: list[str] = []
-        for method, plans in by_method.items():
+        by_method: dict[str, list[tuple[_PlanInProgress, range]]] = {}
+        for work, layers in chunks:
+            by_method.setdefault(work.method, []).append((work, layers))
+        for method, group in by_method.items():
             try:
-                self._execute_batch(method, plans)
+                self._execute_chunks(method, group)
             except Exception:  # noqa: BLE001 - a step with several requests: retry each alone
                 logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
-                failed.extend(plan.req_id for plan in plans if not self._execute_alone(method, plan))
+                failed.extend(work.plan.req_id for work, layers in group if not self._execute_alone(work, layers))
+        written = []
+        for work, _ in chunks:
+            req_id = work.plan.req_id
+            if req_id in failed:
+                self.in_flight.pop(req_id, None)
+            elif work.done:
+                self._finish(work)
+                written.append(req_id)
         self.state.stats.faults_injected = self.faults.injected
-        written = tuple(plan.req_id for plan in step.plans if plan.req_id not in failed)
-        return CompactionReport(written=written, failed=tuple(failed))
+        return CompactionReport(written=tuple(written), failed=tuple(failed), pending=tuple(self.in_flight))
 
-    def _execute_alone(self, method: str, plan: RequestCompactionPlan) -> bool:
+    def forget(self, req_ids) -> None:
+        """The requests released their pages: their plans in flight are dropped."""
+        for req_id in req_ids:
+            self.in_flight.pop(req_id, None)
+
+    def _chunks(self, layers_per_step: int) -> list[tuple[_PlanInProgress, range]]:
+        """(plan, layers) to run this step: released plans whole, then the oldest plans up to the layer budget."""
+        chunks = []
+        budget = layers_per_step if layers_per_step > 0 else None
+        for work in self.in_flight.values():
+            remaining = self.geo.num_layers - work.next_layer
+            if work.plan.sources_released or budget is None:
+                take = remaining
+            else:
+                take = min(remaining, budget)
+                budget -= take
+            if take > 0:
+                chunks.append((work, range(work.next_layer, work.next_layer + take)))
+        return chunks
+
+    def _execute_alone(self, work: _PlanInProgress, layers: range) -> bool:
+        plan = work.plan
         try:
-            self._execute_batch(method, [plan])
+            self._execute_chunks(work.method, [(work, layers)])
             return True
         except Exception:  # noqa: BLE001 - contained: see execute()
             self.state.stats.failures += 1
@@ -203,30 +242,75 @@ class SegmentCompactor:
                 return False
             logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
         try:
-            self._execute_batch("recent", [plan], faults=False)
+            work.method = "recent"
+            self._execute_chunks("recent", [(work, layers)], faults=False)
             return True
         except Exception:  # noqa: BLE001 - reported failed: the scheduler recomputes the request's KV
             logger.exception("vllm-compact: copying the newest keys of %s failed too", plan.req_id)
             return False
 
-    def _execute_batch(self, method: str, plans: list[RequestCompactionPlan], faults: bool = True) -> None:
-        """Every (request, layer, KV head) of these plans in one call of the AM core; segments are installed only
-        once every plan's pages are written."""
+    def _execute_chunks(self, method: str, chunks: list[tuple[_PlanInProgress, range]], faults: bool = True) -> None:
+        """Every (request, layer, KV head) of these chunks in one call of the AM core."""
         started = time.perf_counter()
         inputs: list[_HeadInput] = []
-        for plan in plans:
+        for work, layers in chunks:
             if faults:
                 self.faults.check("gather")
-            inputs.extend(self._head_inputs(plan))
+            inputs.extend(self._head_inputs(work.plan, layers))
         batch, positions = self._batch(inputs)
+        self.state.stats.note_workspace(_batch_bytes(batch))
         result = self._solve(batch, method) if faults else compact_heads(batch, method)
-        heads_per_plan = self.geo.num_layers * self.geo.num_kv_heads
-        segments = [self._write(plan, result, positions, i * heads_per_plan, faults) for i, plan in enumerate(plans)]
-        for plan, segment in zip(plans, segments):
-            self.state.record(plan.req_id, captures=False).segment = segment
-        self.state.stats.compactions += len(plans)
+        first_head = 0
+        for work, layers in chunks:
+            self._write(work, layers, result, positions, first_head, faults)
+            first_head += len(layers) * self.geo.num_kv_heads
+        elapsed = time.perf_counter() - started
+        total_layers = sum(len(layers) for _, layers in chunks)
+        for work, layers in chunks:
+            work.next_layer = layers.stop
+            work.seconds += elapsed * len(layers) / total_layers
         self.state.stats.heads_fell_back += int(result.fell_back.sum())
-        self.state.stats.seconds.append(time.perf_counter() - started)
+
+    def _finish(self, work: _PlanInProgress) -> None:
+        """Every layer is written: the segment replaces the request's view of its span."""
+        plan = work.plan
+        segment = CompactSegment(plan.start_block, plan.end_block, torch.tensor(plan.dest_block_ids, dtype=torch.int32),
+                                 work.head_start, work.head_len, work.betas, work.positions)
+        self.state.record(plan.req_id, captures=False).segment = segment
+        self.in_flight.pop(plan.req_id, None)
+        self.state.stats.compactions += 1
+        self.state.stats.seconds.append(work.seconds)
+
+
+@dataclass
+class _PlanInProgress:
+    """A plan the worker is carrying out, layer chunk by layer chunk; the segment's tables fill as layers are
+    written."""
+
+    plan: RequestCompactionPlan
+    method: str
+    head_start: torch.Tensor  # [num_layers, Hkv] int32
+    head_len: torch.Tensor
+    betas: list[torch.Tensor]
+    positions: list[torch.Tensor]
+    next_layer: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, plan: RequestCompactionPlan, method: str, num_layers: int) -> _PlanInProgress:
+        num_kv_heads = len(plan.head_budgets[0])
+        head_start = torch.zeros(num_layers, num_kv_heads, dtype=torch.int32)
+        empty = [torch.zeros(0)] * num_layers
+        return cls(plan, method, head_start, torch.zeros_like(head_start), list(empty), list(empty))
+
+    @property
+    def done(self) -> bool:
+        return self.next_layer >= len(self.betas)
+
+
+def _batch_bytes(batch: HeadBatch) -> int:
+    tensors = [batch.keys, batch.values, batch.queries, batch.content_keys, batch.key_bias]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _finite(result) -> bool:

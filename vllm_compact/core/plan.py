@@ -40,13 +40,16 @@ class CompactionStep:
     """All compaction work of one engine step."""
 
     plans: list[RequestCompactionPlan] = field(default_factory=list)
+    cancelled: tuple[str, ...] = ()  # plans the scheduler undid while the worker still had them in flight
 
 
 @dataclass(frozen=True)
 class CompactionReport:
-    """What the worker did with a step's plans. Fail closed: only the plans listed in `written` have their segment
-    written; the scheduler undoes every other plan of the step, whether the worker listed it in `failed`, left it
-    out, or sent no report at all (a model runner that is not ours never executes a plan)."""
+    """What the worker did with the plans in flight. Fail closed: only the plans listed in `written` have their
+    segment written, and those in `pending` are still being carried out; the scheduler undoes every other plan it
+    sent, whether the worker listed it in `failed`, left it out, or sent no report at all (a model runner that is
+    not ours never executes a plan)."""
 
     written: tuple[str, ...] = ()  # req_ids whose compact segment is written and installed
     failed: tuple[str, ...] = ()   # req_ids the worker tried and left uncompacted (logs and stats only)
+    pending: tuple[str, ...] = ()  # req_ids whose plan is still in flight (layer chunks left for later steps)

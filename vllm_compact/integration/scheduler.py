@@ -103,6 +103,8 @@ class CompactionScheduler(Scheduler):
         self.compaction_stats = SchedulerCompactionStats()
         self._request_configs: dict[str, CompactionConfig] = {}
         self._held: dict[str, HeldPages] = {}
+        self._sent: dict[str, RequestCompactionPlan] = {}  # plans sent to the worker and not settled yet
+        self._cancelled: list[str] = []  # plans undone here: the next step tells the worker to drop them
         self._rollbacks: dict[str, int] = {}
         self.stats_writer = StatsFileWriter.from_env() if self.compaction_active else None
         self.prefix_guard = CompactionPrefixCacheGuard(self.kv_cache_manager) if self.compaction_active else None
@@ -139,8 +141,11 @@ class CompactionScheduler(Scheduler):
         if plans:
             # A request preempted while scheduling this step has dropped its compaction state and pages already.
             plans = [p for p in plans if p.req_id in self.planner.spans]
-        if plans:
-            output = CompactionSchedulerOutput.of(output, CompactionStep(plans=plans))
+        self._sent.update((p.req_id, p) for p in plans)
+        if plans or self._cancelled:
+            step = CompactionStep(plans=plans, cancelled=tuple(self._cancelled))
+            output = CompactionSchedulerOutput.of(output, step)
+            self._cancelled.clear()
         if self.stats_writer is not None:
             self._export_stats(force=bool(plans))
         return output
@@ -178,8 +183,9 @@ class CompactionScheduler(Scheduler):
         under_pressure = self.compaction_config.memory_pressure and self.planner.under_pressure(
             pool.get_num_free_blocks(), len(self.running), self.scheduler_config.max_num_batched_tokens,
             self.block_size)
+        # A request whose plan is still in flight (layer chunks over several steps) is not planned again until it lands.
         requests = [(RequestLengths(r.request_id, r.num_computed_tokens, r.num_prompt_tokens), self._request_config(r))
-                    for r in self.running if r.status == RequestStatus.RUNNING]
+                    for r in self.running if r.status == RequestStatus.RUNNING and r.request_id not in self._sent]
         plans = [self._move_pages(p) for p in self.planner.plan(requests, pool.get_num_free_blocks(), under_pressure)]
         if under_pressure:
             self.compaction_stats.pressure_steps += 1
@@ -220,27 +226,36 @@ class CompactionScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput):
         step = compaction_step(scheduler_output)
-        if step is not None:
-            self._settle(step, compaction_report(model_runner_output))
+        settle = bool(self._sent)
+        if settle:
+            self._settle(compaction_report(model_runner_output))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if step is not None and self.stats_writer is not None:
+        if (step is not None or settle) and self.stats_writer is not None:
             self._export_stats(force=True)  # the settled counters, before the engine may go idle
         return outputs
 
-    def _settle(self, step: CompactionStep, report: CompactionReport | None) -> None:
-        """Fail closed: free what each plan reported WRITTEN replaced; undo every other plan (failed, left out of
-        the report, or no report at all). A plan under memory pressure gave its pages back at planning and cannot
-        be undone: unwritten, its request is preempted and recomputes its KV (`_recompute_lost`). A request that
-        ended since its plan was made has settled its held pages already (`_free_request_blocks`)."""
+    def _settle(self, report: CompactionReport | None) -> None:
+        """Fail closed, for every plan sent and not yet settled: free what a plan reported WRITTEN replaced; keep
+        a PENDING plan's pages held (the worker carries it over several steps); undo every other plan (failed, left
+        out of the report, or no report at all) and tell the worker to drop it. A plan under memory pressure gave
+        its pages back at planning and cannot be undone: unwritten, its request is preempted and recomputes its KV
+        (`_recompute_lost`). A request that ended since its plan was made has settled its pages already
+        (`_free_request_blocks`)."""
         written = frozenset(report.written) if report is not None else frozenset()
-        unreported = [p.req_id for p in step.plans
-                      if p.req_id not in written and (report is None or p.req_id not in report.failed)]
+        pending = frozenset(report.pending) if report is not None else frozenset()
+        failed = frozenset(report.failed) if report is not None else frozenset()
+        unreported = [r for r in self._sent if r not in written | pending | failed]
         if unreported:
             logger.error("vllm-compact: the worker reported nothing for the compaction plans of %s (%s); undoing them",
                          unreported, "the step's output carries no compaction report" if report is None
                          else "left out of its report")
         pool = self._block_pool
-        for plan in step.plans:
+        for plan in list(self._sent.values()):
+            if plan.req_id in pending:
+                continue
+            del self._sent[plan.req_id]
+            if plan.req_id not in written and plan.req_id not in failed:
+                self._cancelled.append(plan.req_id)  # the worker may still hold it in flight
             if plan.sources_released:
                 if plan.req_id not in written:
                     self._recompute_lost(plan)
@@ -316,6 +331,7 @@ class CompactionScheduler(Scheduler):
             # Ended before its plan was answered (preempted inside the planning schedule(), or aborted): the plan
             # never runs or is dropped, so the held pages simply go back with the rest.
             held = self._held.pop(request.request_id, None)
+            self._sent.pop(request.request_id, None)
             pages = self._span_blocks(self.planner.forget(request.request_id))
             if held is not None:
                 pages += self._replaced_blocks(held.source, held.old_span)

@@ -23,7 +23,7 @@ from vllm_compact.am.rotary import Rotary
 from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.integration.block_probe import stock_block_layout
-from vllm_compact.core.plan import CompactionReport
+from vllm_compact.core.plan import CompactionReport, CompactionStep
 from vllm_compact.core.planner import may_compact_again
 from vllm_compact.core.request_overrides import request_config
 from vllm_compact.integration.scheduler import CompactionModelRunnerOutput, compaction_step
@@ -105,32 +105,33 @@ class CompactionCPUModelRunner(CPUModelRunner):
         if state is not None and self.kv_caches:
             if self._compactor is None:
                 self._compactor = self._bind_compaction()
-            state.drop(scheduler_output.finished_req_ids)
-            state.drop(getattr(scheduler_output, "preempted_req_ids", None) or ())
+            ended = [*scheduler_output.finished_req_ids, *(getattr(scheduler_output, "preempted_req_ids", None) or ())]
+            state.drop(ended)
+            self._compactor.forget(ended)
             step = compaction_step(scheduler_output)
-            if step is not None:
-                self._report = self._compactor.execute(step)
-                self._stop_finished_captures(state, step)
+            if step is not None or self._compactor.in_flight:
+                self._report = self._compactor.execute(step or CompactionStep(), state.config.layers_per_step)
+                self._stop_finished_captures(state, self._report.written)
             state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
             if self._stats_file is not None:
                 self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None)
         return self._with_report(super().execute_model(scheduler_output, intermediate_tensors))
 
-    def _stop_finished_captures(self, state: WorkerCompactionState, step) -> None:
+    def _stop_finished_captures(self, state: WorkerCompactionState, written: tuple[str, ...]) -> None:
         """A request just compacted that cannot reach another compaction drops its reservoir."""
-        for plan in step.plans:
-            record, cached = state.requests.get(plan.req_id), self.requests.get(plan.req_id)
-            written = record is not None and record.segment is not None and record.segment.end_block == plan.end_block
-            if not written or not record.captures or cached is None or cached.sampling_params is None:
+        for req_id in written:
+            record, cached = state.requests.get(req_id), self.requests.get(req_id)
+            if record is None or record.segment is None or not record.captures or cached is None \
+                    or cached.sampling_params is None:
                 continue
             try:
                 cfg = request_config(state.config, cached.sampling_params.extra_args)
             except Exception:  # noqa: BLE001 - refused at admission; nothing to keep for it
-                state.stop_capture(plan.req_id)
+                state.stop_capture(req_id)
                 continue
             final_tokens = len(cached.prompt_token_ids or ()) + (cached.sampling_params.max_tokens or 0)
-            if not may_compact_again(cfg, final_tokens, state.block_size, plan.end_block * state.block_size):
-                state.stop_capture(plan.req_id)
+            if not may_compact_again(cfg, final_tokens, state.block_size, record.segment.end_block * state.block_size):
+                state.stop_capture(req_id)
 
     def sample_tokens(self, *args, **kwargs):
         return self._with_report(super().sample_tokens(*args, **kwargs))
