@@ -38,6 +38,7 @@ COMPACTION_FLAGS: dict[str, str] = {
     "--kv-compaction-value-ridge": "value_ridge",
     "--kv-compaction-distinct-share": "distinct_share",
     "--kv-compaction-layers-per-step": "layers_per_step",
+    "--kv-compaction-pool-watermark": "pool_watermark",
 }
 # Boolean fields get --flag / --no-flag.
 COMPACTION_SWITCHES: dict[str, str] = {

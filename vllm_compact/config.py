@@ -67,6 +67,15 @@ class CompactionConfig(BaseModel):
         "(smollm2-135m, qwen2.5-0.5b; `vllm-compact calibrate` writes others), uniform for other models; "
         "'uniform' forces uniform budgets.",
     )
+    pool_watermark: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Compact a request that passed trigger_tokens only while the KV pool's free pages are below this "
+        "share of the pool: a compaction costs about a prefill of its span and pays only when memory is short. "
+        "1: compact every request as soon as it passes the trigger. Under memory pressure compaction happens "
+        "whatever this says. A request may ask for a higher value (kv_compaction_pool_watermark).",
+    )
     layers_per_step: int = Field(
         4,
         ge=0,

@@ -125,3 +125,16 @@ def test_memory_pressure_is_fewer_free_pages_than_a_step_may_need():
     # one page per running request (decode) + one prefill budget of 512 tokens = 4 + 32 pages
     assert CompactionPlanner.under_pressure(free_pages=35, running=4, max_batched_tokens=512, block_size=BS)
     assert not CompactionPlanner.under_pressure(free_pages=36, running=4, max_batched_tokens=512, block_size=BS)
+
+
+def test_compaction_by_length_waits_until_free_pages_fall_below_the_watermark():
+    """Memory to spare: a request past the trigger is left alone (a solve would buy nothing); once the pool's free
+    share falls below pool_watermark it compacts; under pressure it compacts whatever the watermark; 1 compacts
+    every request past the trigger."""
+    request = [(RequestLengths("a", 1000, 1000), _cfg(pool_watermark=0.25))]
+    assert _planner().plan(request, free_pages=100, under_pressure=False, free_share=0.5) == []
+    assert _planner().plan(request, free_pages=100, under_pressure=False, free_share=0.25) == []
+    assert len(_planner().plan(request, free_pages=100, under_pressure=False, free_share=0.2)) == 1
+    assert len(_planner().plan(request, free_pages=100, under_pressure=True, free_share=0.9)) == 1
+    always = [(RequestLengths("a", 1000, 1000), _cfg(pool_watermark=1.0))]
+    assert len(_planner().plan(always, free_pages=100, under_pressure=False, free_share=0.99)) == 1

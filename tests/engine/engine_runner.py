@@ -66,7 +66,9 @@ def main() -> None:
         from vllm_compact.config import CompactionConfig
         from vllm_compact.integration.settings import engine_kwargs as compaction_kwargs
 
-        engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **scenario["compaction"]), **engine_kwargs)
+        # Compaction by length whatever the pool's free share, unless a scenario says otherwise.
+        settings = {"pool_watermark": 1.0, **scenario["compaction"]}
+        engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **settings), **engine_kwargs)
     engine_kwargs.update(scenario.get("engine_override", {}))  # e.g. a worker class that is not ours
     llm = LLM(model=scenario["model"], **engine_kwargs)
     engine = llm.llm_engine

@@ -78,7 +78,9 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny"  # --served-model-name
 TRIGGER, RECENT = 64, 32
+# Pool watermark 1: these servers have memory to spare and must still compact every request past the trigger.
 SERVER_ARGS = ["--served-model-name", MODEL, "--api-key", KEY, "--max-num-seqs", "16", "--kv-compaction",
+               "--kv-compaction-pool-watermark", "1",
                "--kv-compaction-trigger", str(TRIGGER), "--kv-compaction-recent-window", str(RECENT)]
 NO_EOS = {"ignore_eos": True}  # a random model may stop at once; every answer with it has max_tokens tokens
 

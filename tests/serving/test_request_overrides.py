@@ -153,3 +153,14 @@ def test_any_xargs_either_give_a_valid_config_or_a_request_error_naming_one_of_t
         assert SERVER.ratio <= cfg.ratio <= MAX_RATIO and cfg.method in METHODS
     ours = {k for k in xargs if is_compaction_key(k)}
     assert ours <= set(KEYS)
+
+
+def test_a_request_may_ask_to_compact_sooner_never_later():
+    server = CompactionConfig(enabled=True, pool_watermark=0.25)
+    assert request_config(server, {"kv_compaction_pool_watermark": 1}).pool_watermark == 1.0
+    assert request_config(server, {"kv_compaction_pool_watermark": 0.25}).pool_watermark == 0.25
+    for bad, fragment in ((0.1, "lower than this server's 0.25"), (1.5, "out of range"), (math.nan, "out of range"),
+                          ("1", "not a number"), (True, "not a number")):
+        with pytest.raises(RequestOverrideError, match=fragment) as err:
+            request_config(server, {"kv_compaction_pool_watermark": bad})
+        assert err.value.param == "vllm_xargs.kv_compaction_pool_watermark"

@@ -82,10 +82,13 @@ class CompactionPlanner:
         """Pages this step may need: one per running request (decode) plus one prefill budget's worth."""
         return free_pages < running + math.ceil(max_batched_tokens / block_size)
 
-    def _due(self, request: RequestLengths, cfg: CompactionConfig, under_pressure: bool) -> tuple[int, int, int] | None:
+    def _due(self, request: RequestLengths, cfg: CompactionConfig, under_pressure: bool,
+             free_share: float) -> tuple[int, int, int] | None:
         """(start_block, prev_end_block, end_block) if the request should compact now."""
         if not cfg.enabled or not method_class(cfg.method).compacts:
             return None
+        if not under_pressure and free_share >= cfg.pool_watermark:
+            return None  # memory is not short: the solve would cost time and buy nothing
         bs = self.block_size
         head_blocks = math.ceil(cfg.protected_initial_tokens / bs)
         end_block = (request.computed_tokens - cfg.recent_window_tokens) // bs
@@ -105,13 +108,15 @@ class CompactionPlanner:
     # ---- what ------------------------------------------------------------------------------------------------
 
     def plan(
-        self, requests: list[tuple[RequestLengths, CompactionConfig]], free_pages: int, under_pressure: bool
+        self, requests: list[tuple[RequestLengths, CompactionConfig]], free_pages: int, under_pressure: bool,
+        free_share: float = 0.0,
     ) -> list[PagePlan]:
         """Plans for this step, largest gain first, each fitting in the pages left by the ones before. The pages a
         plan frees come back once the worker has written it, or, under pressure, at once (`release_now`). Records
         every planned request's new span (call `restore` to undo a plan, `forget` when a request releases its
         pages)."""
-        due = [(r, cfg, blocks) for r, cfg in requests if (blocks := self._due(r, cfg, under_pressure)) is not None]
+        due = [(r, cfg, blocks) for r, cfg in requests
+               if (blocks := self._due(r, cfg, under_pressure, free_share)) is not None]
         due.sort(key=lambda item: item[2][2] - item[2][1], reverse=True)
         plans = []
         for request, cfg, (start, prev_end, end) in due:

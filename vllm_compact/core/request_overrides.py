@@ -18,7 +18,8 @@ What is refused (a RequestOverrideError naming the key, the value and what is al
 - a ratio that is not a finite JSON number (strings, booleans, lists, null, NaN, 1e400, integers too large for a
   float), outside [1, MAX_RATIO], or looser than the server's;
 - an `enabled` that is not a boolean (or the 0/1 vLLM makes of one), or true on a server without compaction;
-- a method that is not in the method registry.
+- a method that is not in the method registry;
+- a pool watermark that is not a number in [0, 1], or lower than the server's.
 Other `extra_args` keys belong to other extensions and are ignored.
 """
 
@@ -34,7 +35,8 @@ KEY_PREFIX = "kv_compaction"
 ENABLED_KEY = "kv_compaction_enabled"
 RATIO_KEY = "kv_compaction_ratio"
 METHOD_KEY = "kv_compaction_method"
-KEYS = (ENABLED_KEY, RATIO_KEY, METHOD_KEY)
+WATERMARK_KEY = "kv_compaction_pool_watermark"
+KEYS = (ENABLED_KEY, RATIO_KEY, METHOD_KEY, WATERMARK_KEY)
 
 METHODS: tuple[str, ...] = get_args(MethodName)
 
@@ -102,6 +104,20 @@ def _parse_ratio(value: Any) -> float:
     return number
 
 
+def _parse_watermark(value: Any) -> float:
+    allowed = "allowed: a number >= 0 and <= 1 (share of the KV pool's pages that are free)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestOverrideError(WATERMARK_KEY, f"{WATERMARK_KEY}={_shown(value)} is {_kind(value)}, not a number; "
+                                                  f"{allowed}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not 0.0 <= number <= 1.0:  # NaN fails too
+        raise RequestOverrideError(WATERMARK_KEY, f"{WATERMARK_KEY}={_shown(value)} is out of range; {allowed}")
+    return number
+
+
 def _parse_method(value: Any) -> str:
     if isinstance(value, str) and value in METHODS:
         return value
@@ -110,7 +126,8 @@ def _parse_method(value: Any) -> str:
     )
 
 
-_PARSERS = {ENABLED_KEY: ("enabled", _parse_enabled), RATIO_KEY: ("ratio", _parse_ratio), METHOD_KEY: ("method", _parse_method)}
+_PARSERS = {ENABLED_KEY: ("enabled", _parse_enabled), RATIO_KEY: ("ratio", _parse_ratio),
+            METHOD_KEY: ("method", _parse_method), WATERMARK_KEY: ("pool_watermark", _parse_watermark)}
 
 
 def _normal(key: str) -> str:
@@ -179,6 +196,13 @@ def request_config(server: CompactionConfig, extra_args: Any) -> CompactionConfi
             RATIO_KEY,
             f"{RATIO_KEY}={ratio} is looser than this server's ratio {server.ratio}; "
             f"allowed: a number >= {server.ratio} and <= {MAX_RATIO} (a request may only compact more)",
+        )
+    watermark = overrides.get("pool_watermark")
+    if watermark is not None and watermark < server.pool_watermark:
+        raise RequestOverrideError(
+            WATERMARK_KEY,
+            f"{WATERMARK_KEY}={watermark} is lower than this server's {server.pool_watermark}; allowed: a number >= "
+            f"{server.pool_watermark} and <= 1 (a request may only compact sooner)",
         )
     # Every field was checked above against the config model's own types and bounds: no re-validation per request.
     return server.model_copy(update=overrides)

@@ -186,7 +186,9 @@ class CompactionScheduler(Scheduler):
         # A request whose plan is still in flight (layer chunks over several steps) is not planned again until it lands.
         requests = [(RequestLengths(r.request_id, r.num_computed_tokens, r.num_prompt_tokens), self._request_config(r))
                     for r in self.running if r.status == RequestStatus.RUNNING and r.request_id not in self._sent]
-        plans = [self._move_pages(p) for p in self.planner.plan(requests, pool.get_num_free_blocks(), under_pressure)]
+        free_share = pool.get_num_free_blocks() / max(1, pool.num_gpu_blocks - 1)  # the null page is never free
+        plans = [self._move_pages(p)
+                 for p in self.planner.plan(requests, pool.get_num_free_blocks(), under_pressure, free_share)]
         if under_pressure:
             self.compaction_stats.pressure_steps += 1
         return plans

@@ -88,6 +88,7 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
     exe = shutil.which("vllm-compact", path=str(Path(sys.executable).parent)) or "vllm-compact"
     return [exe, "serve", args.model, "--host", "127.0.0.1", "--port", str(port), "--kv-compaction",
             "--kv-compaction-trigger", str(args.trigger), "--kv-compaction-recent-window", str(args.recent_window),
+            "--kv-compaction-pool-watermark", "1",  # a soak compacts every long request, memory short or not
             *shlex.split(args.server_args)]
 
 
