@@ -159,7 +159,7 @@ def test_a_request_may_ask_to_compact_sooner_never_later():
     server = CompactionConfig(enabled=True, pool_watermark=0.25)
     assert request_config(server, {"kv_compaction_pool_watermark": 1}).pool_watermark == 1.0
     assert request_config(server, {"kv_compaction_pool_watermark": 0.25}).pool_watermark == 0.25
-    for bad, fragment in ((0.1, "lower than this server's 0.25"), (1.5, "out of range"), (math.nan, "out of range"),
+    for bad, fragment in ((0.1, "looser than this server's pool_watermark 0.25"), (1.5, "out of range"), (math.nan, "not a finite number"),
                           ("1", "not a number"), (True, "not a number")):
         with pytest.raises(RequestOverrideError, match=fragment) as err:
             request_config(server, {"kv_compaction_pool_watermark": bad})

@@ -89,33 +89,28 @@ def _parse_enabled(value: Any) -> bool:
     )
 
 
-def _parse_ratio(value: Any) -> float:
-    allowed = f"allowed: a number >= 1.0 and <= {MAX_RATIO} (original / compact tokens)"
+def _parse_number(key: str, value: Any, low: float, high: float, meaning: str) -> float:
+    """A finite JSON number in [low, high] (booleans, strings, NaN and integers beyond float range refused)."""
+    allowed = f"allowed: a number >= {low} and <= {high} ({meaning})"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is {_kind(value)}, not a number; {allowed}")
+        raise RequestOverrideError(key, f"{key}={_shown(value)} is {_kind(value)}, not a number; {allowed}")
     try:
         number = float(value)
     except OverflowError:  # an integer beyond float range
         number = math.inf
     if not math.isfinite(number):
-        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is not a finite number; {allowed}")
-    if not 1.0 <= number <= MAX_RATIO:
-        raise RequestOverrideError(RATIO_KEY, f"{RATIO_KEY}={_shown(value)} is out of range; {allowed}")
+        raise RequestOverrideError(key, f"{key}={_shown(value)} is not a finite number; {allowed}")
+    if not low <= number <= high:
+        raise RequestOverrideError(key, f"{key}={_shown(value)} is out of range; {allowed}")
     return number
+
+
+def _parse_ratio(value: Any) -> float:
+    return _parse_number(RATIO_KEY, value, 1.0, MAX_RATIO, "original / compact tokens")
 
 
 def _parse_watermark(value: Any) -> float:
-    allowed = "allowed: a number >= 0 and <= 1 (share of the KV pool's pages that are free)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestOverrideError(WATERMARK_KEY, f"{WATERMARK_KEY}={_shown(value)} is {_kind(value)}, not a number; "
-                                                  f"{allowed}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not 0.0 <= number <= 1.0:  # NaN fails too
-        raise RequestOverrideError(WATERMARK_KEY, f"{WATERMARK_KEY}={_shown(value)} is out of range; {allowed}")
-    return number
+    return _parse_number(WATERMARK_KEY, value, 0.0, 1.0, "share of the KV pool's pages that are free")
 
 
 def _parse_method(value: Any) -> str:
@@ -190,19 +185,13 @@ def request_config(server: CompactionConfig, extra_args: Any) -> CompactionConfi
         raise RequestOverrideError(
             ENABLED_KEY, f"{ENABLED_KEY}=true: compaction is disabled on this server; a request can only turn it off"
         )
-    ratio = overrides.get("ratio")
-    if ratio is not None and ratio < server.ratio:
-        raise RequestOverrideError(
-            RATIO_KEY,
-            f"{RATIO_KEY}={ratio} is looser than this server's ratio {server.ratio}; "
-            f"allowed: a number >= {server.ratio} and <= {MAX_RATIO} (a request may only compact more)",
-        )
-    watermark = overrides.get("pool_watermark")
-    if watermark is not None and watermark < server.pool_watermark:
-        raise RequestOverrideError(
-            WATERMARK_KEY,
-            f"{WATERMARK_KEY}={watermark} is lower than this server's {server.pool_watermark}; allowed: a number >= "
-            f"{server.pool_watermark} and <= 1 (a request may only compact sooner)",
-        )
+    for field, key, what in (("ratio", RATIO_KEY, "compact more"), ("pool_watermark", WATERMARK_KEY, "compact sooner")):
+        asked, allowed = overrides.get(field), getattr(server, field)
+        if asked is not None and asked < allowed:
+            high = MAX_RATIO if field == "ratio" else 1.0
+            raise RequestOverrideError(
+                key, f"{key}={asked} is looser than this server's {field} {allowed}; allowed: a number >= {allowed} "
+                f"and <= {high} (a request may only {what})",
+            )
     # Every field was checked above against the config model's own types and bounds: no re-validation per request.
     return server.model_copy(update=overrides)
