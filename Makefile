@@ -16,7 +16,8 @@ STAMP  := $(VENV)/.vllm-compact-installed
 # No vLLM engine and no server in these (vLLM's argument parser and hand-built scheduler configs at most).
 FAST_TESTS := tests/core tests/am tests/kernels tests/test_boundary.py tests/test_calibration.py \
 	tests/serving/test_request_overrides.py tests/serving/test_serve_cli.py tests/serving/test_serve_refusals.py \
-	tests/serving/test_cuda_refusal.py tests/serving/test_memory_default.py tests/serving/test_stats_file.py
+	tests/serving/test_cuda_refusal.py tests/serving/test_memory_default.py tests/serving/test_stats_file.py \
+	tests/test_readme_settings.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
