@@ -121,8 +121,9 @@ class Harness:
 
 
 def _config(monkeypatch, **kw) -> None:
+    # pool_watermark 1: these pools have room, and every request past the trigger must still compact.
     config = CompactionConfig(enabled=True, ratio=4, trigger_tokens=64, recent_window_tokens=32,
-                              protected_initial_tokens=0, memory_pressure=False, **kw)
+                              protected_initial_tokens=0, memory_pressure=False, pool_watermark=1.0, **kw)
     monkeypatch.setenv(ENV_VAR, config.to_env())
 
 

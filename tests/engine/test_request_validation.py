@@ -14,7 +14,7 @@ from vllm.sampling_params import SamplingParams
 from vllm_compact.config import ENV_VAR, CompactionConfig
 from vllm_compact.integration.request_validation import CompactionParamsError, CompactionRequestValidator
 
-SERVER = CompactionConfig(enabled=True, ratio=8.0, trigger_tokens=64, recent_window_tokens=32)
+SERVER = CompactionConfig(enabled=True, ratio=8.0, trigger_tokens=64, recent_window_tokens=32, pool_watermark=1.0)
 
 BAD = [
     ({"kv_compaction_ratio": "x"}, "vllm_xargs.kv_compaction_ratio", "a string, not a number"),
