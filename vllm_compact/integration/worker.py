@@ -114,7 +114,9 @@ class CompactionCPUModelRunner(CPUModelRunner):
                 self._stop_finished_captures(state, self._report.written)
             state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
             if self._stats_file is not None:
-                self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None)
+                # A plan that lands in a step without new plans (layer chunks) is news too: the engine may go idle.
+                landed = self._report is not None and bool(self._report.written or self._report.failed)
+                self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None or landed)
         return self._with_report(super().execute_model(scheduler_output, intermediate_tensors))
 
     def _stop_finished_captures(self, state: WorkerCompactionState, written: tuple[str, ...]) -> None:
