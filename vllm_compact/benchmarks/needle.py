@@ -49,7 +49,8 @@ def _run_job(job: dict) -> dict:
     if job["method"] != "none":
         compaction = {"method": job["method"], "ratio": job["ratio"], "trigger_tokens": job["trigger"],
                       "recent_window_tokens": job["recent"], "protected_initial_tokens": job["protected"],
-                      "layers_per_step": 0}  # answers are judged on the compacted context from their second token
+                      # every prompt compacts (roomy pool), and answers are judged on the compacted context
+                      "pool_watermark": 1.0, "layers_per_step": 0}
     llm = make_engine(job["model"], compaction, enforce_eager=True, max_model_len=8192, seed=0,
                       max_num_batched_tokens=job["chunk"], enable_chunked_prefill=True)
     prompts, params, meta = [], [], []

@@ -78,8 +78,8 @@ def main(argv: list[str]) -> int:
     needles = [make_needle_prompt(tokenizer, args.context, depth, "number", seed=i)
                for i, depth in enumerate(needle_depths(args.depths))]
     floor = min(ratio for _, ratio in configs)
-    # layers_per_step 0: every compaction lands in the step that plans it, before the request can finish
-    llm = make_engine(model, {"ratio": floor, "layers_per_step": 0}, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+    # Every prompt compacts (roomy pool), and in the step that plans it, before the request can finish.
+    llm = make_engine(model, {"ratio": floor, "pool_watermark": 1.0, "layers_per_step": 0}, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
                       enforce_eager=True)
     segments: dict[str, object] = {}  # the engine's request id -> its latest compact segment
 
