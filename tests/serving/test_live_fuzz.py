@@ -40,6 +40,7 @@ good_values = {
     "kv_compaction_enabled": st.booleans() | st.sampled_from([0, 1]),
     "kv_compaction_ratio": st.integers(10, 1000) | st.floats(10.0, 1000.0),
     "kv_compaction_method": st.sampled_from(METHODS),
+    "kv_compaction_pool_watermark": st.sampled_from([1, 1.0]),  # the live server's own watermark is 1
 }
 compaction_looking_keys = st.sampled_from(["KV_Compaction_Ratio", "kv-compaction-method", "kv_compaction_ratoi",
                                            "kvCompactionEnabled", "kv_compaction", "KV_COMPACTION_TRIGGER"])
@@ -105,6 +106,7 @@ def body(draw, chat: bool):
         out["ignore_eos"] = True
     if draw(st.integers(0, 3)) == 0:
         out["n"] = 2
+        valid &= out.get("temperature") != 0  # vLLM refuses n > 1 with greedy sampling (HTTP 400)
     if draw(st.integers(0, 3)) == 0:
         out["stop"] = draw(st.lists(st.text(min_size=1, max_size=3), min_size=1, max_size=2))
     if draw(st.integers(0, 2)) == 0:
