@@ -276,7 +276,7 @@ class SegmentCompactor:
         plan = work.plan
         segment = CompactSegment(plan.start_block, plan.end_block, torch.tensor(plan.dest_block_ids, dtype=torch.int32),
                                  work.head_start, work.head_len, work.betas, work.positions)
-        self.state.record(plan.req_id, captures=False).segment = segment
+        self.state.install_segment(plan.req_id, segment)
         self.in_flight.pop(plan.req_id, None)
         self.state.stats.compactions += 1
         self.state.stats.seconds.append(work.seconds)

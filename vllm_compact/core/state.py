@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_compact.config import CompactionConfig
+from vllm_compact.core.planner import may_compact_again
+from vllm_compact.core.request_overrides import request_config
 from vllm_compact.core.stats import WorkerCompactionStats
 
 
@@ -122,24 +124,45 @@ class WorkerCompactionState:
         record = self.requests.get(req_id)
         return None if record is None else record.reservoir
 
-    def record(self, req_id: str, captures: bool) -> WorkerRequest:
+    def record(self, req_id: str) -> WorkerRequest:
         """The request's record, made on first sight with its capture decision."""
         record = self.requests.get(req_id)
         if record is None:
-            record = self.requests[req_id] = WorkerRequest(captures=captures)
+            record = self.requests[req_id] = WorkerRequest(captures=self.may_compact(req_id))
         return record
+
+    def may_compact(self, req_id: str, compacted_until: int = 0) -> bool:
+        """Whether the request may still be compacted by length past `compacted_until` tokens (planner.
+        may_compact_again on its own settings, prompt and max tokens, read from the model runner's request)."""
+        cached = self.runner_requests.get(req_id) if self.runner_requests is not None else None
+        params = getattr(cached, "sampling_params", None)
+        if cached is None or params is None or cached.prompt_token_ids is None:
+            return False
+        try:
+            cfg = request_config(self.config, params.extra_args)
+        except Exception:  # noqa: BLE001 - refused at admission; the scheduler serves it without compaction
+            return False
+        final_tokens = len(cached.prompt_token_ids) + (params.max_tokens or 0)
+        return may_compact_again(cfg, final_tokens, self.block_size, compacted_until)
 
     def reservoir(self, record: WorkerRequest, num_heads: int, head_dim: int, dtype: torch.dtype) -> QueryReservoir:
         if record.reservoir is None:
             capacity = max(1, min(self.config.recent_window_tokens, self.config.max_reference_queries))
             record.reservoir = QueryReservoir(self.num_layers, capacity, num_heads, head_dim, dtype)
+            self._note_outside_pool()
         return record.reservoir
 
-    def stop_capture(self, req_id: str) -> None:
-        """The request cannot compact again: its reservoir goes."""
-        record = self.requests.get(req_id)
-        if record is not None:
+    def install_segment(self, req_id: str, segment: CompactSegment) -> None:
+        """The request's new compact segment; its reservoir goes if it cannot compact again."""
+        record = self.record(req_id)
+        record.segment = segment
+        if record.captures and not self.may_compact(req_id, segment.end_block * self.block_size):
             record.captures, record.reservoir = False, None
+        self._note_outside_pool()
+
+    def _note_outside_pool(self) -> None:
+        """Outside-pool memory only grows where a reservoir or a segment is made: the peak is taken there."""
+        self.stats.outside_pool_bytes_peak = max(self.stats.outside_pool_bytes_peak, self.outside_pool_bytes)
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:

@@ -28,10 +28,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_compact.core.compact_pages import gather_layer, page_view
-from vllm_compact.core.planner import may_compact_again
 from vllm_compact.core.request_kv import read_request_kv
-from vllm_compact.core.request_overrides import request_config
-from vllm_compact.core.state import CompactSegment, WorkerCompactionState, WorkerRequest, worker_state
+from vllm_compact.core.state import CompactSegment, WorkerRequest, worker_state
 from vllm_compact.integration.block_probe import stock_block_layout
 from vllm_compact.kernels.compact_attention import attend_entries
 from vllm_compact.kernels.merge import merge_with_sink
@@ -80,7 +78,7 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         block_table = common_attn_metadata.block_table_tensor
         plain_rows = []
         for row, req_id in enumerate(req_ids):
-            record = state.requests.get(req_id) or state.record(req_id, self._captures(state, req_id))
+            record = state.requests.get(req_id) or state.record(req_id)
             if record.captures:
                 info.captures.append((row, record))
             segment = record.segment
@@ -108,20 +106,6 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         if info.compacted or info.captures:
             meta.compaction = info
         return meta
-
-    @staticmethod
-    def _captures(state: WorkerCompactionState, req_id: str) -> bool:
-        """Whether a request seen for the first time may compact later (its queries are then kept)."""
-        cached = state.runner_requests.get(req_id) if state.runner_requests is not None else None
-        params = getattr(cached, "sampling_params", None)
-        if cached is None or params is None or cached.prompt_token_ids is None:
-            return False
-        try:
-            cfg = request_config(state.config, params.extra_args)
-        except Exception:  # noqa: BLE001 - refused at admission; the scheduler serves it without compaction
-            return False
-        final_tokens = len(cached.prompt_token_ids) + (params.max_tokens or 0)
-        return may_compact_again(cfg, final_tokens, state.block_size)
 
     def _plain_subset(self, meta, rows, qsl, seq_lens):
         """Stock metadata for the plain requests alone, and where their tokens sit in the batch."""

@@ -24,8 +24,6 @@ from vllm_compact.config import CompactionConfig, config_from_env
 from vllm_compact.core.compactor import ModelGeometry, SegmentCompactor
 from vllm_compact.integration.block_probe import stock_block_layout
 from vllm_compact.core.plan import CompactionReport, CompactionStep
-from vllm_compact.core.planner import may_compact_again
-from vllm_compact.core.request_overrides import request_config
 from vllm_compact.integration.scheduler import CompactionModelRunnerOutput, compaction_step
 from vllm_compact.core.state import WorkerCompactionState, init_worker_state, worker_state
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
@@ -58,7 +56,6 @@ def file_stats(state: WorkerCompactionState) -> WorkerStats:
     """The worker's counters as its stats file carries them: every counter of `state.stats` (faults_injected
     included) plus the memory compaction holds outside the pool now."""
     count, pool_bytes, ratio = state.compacted_memory()
-    state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
     return worker_stats(**asdict(state.stats), reservoir_bytes=state.reservoir_bytes,
                         segment_bytes=state.segment_bytes, compacted_requests=count, compacted_pool_bytes=pool_bytes,
                         outside_pool_ratio_max=ratio)
@@ -111,29 +108,11 @@ class CompactionCPUModelRunner(CPUModelRunner):
             step = compaction_step(scheduler_output)
             if step is not None or self._compactor.in_flight:
                 self._report = self._compactor.execute(step or CompactionStep(), state.config.layers_per_step)
-                self._stop_finished_captures(state, self._report.written)
-            state.stats.outside_pool_bytes_peak = max(state.stats.outside_pool_bytes_peak, state.outside_pool_bytes)
             if self._stats_file is not None:
                 # A plan that lands in a step without new plans (layer chunks) is news too: the engine may go idle.
                 landed = self._report is not None and bool(self._report.written or self._report.failed)
                 self._stats_file.maybe_write(lambda: file_stats(state), force=step is not None or landed)
         return self._with_report(super().execute_model(scheduler_output, intermediate_tensors))
-
-    def _stop_finished_captures(self, state: WorkerCompactionState, written: tuple[str, ...]) -> None:
-        """A request just compacted that cannot reach another compaction drops its reservoir."""
-        for req_id in written:
-            record, cached = state.requests.get(req_id), self.requests.get(req_id)
-            if record is None or record.segment is None or not record.captures or cached is None \
-                    or cached.sampling_params is None:
-                continue
-            try:
-                cfg = request_config(state.config, cached.sampling_params.extra_args)
-            except Exception:  # noqa: BLE001 - refused at admission; nothing to keep for it
-                state.stop_capture(req_id)
-                continue
-            final_tokens = len(cached.prompt_token_ids or ()) + (cached.sampling_params.max_tokens or 0)
-            if not may_compact_again(cfg, final_tokens, state.block_size, record.segment.end_block * state.block_size):
-                state.stop_capture(req_id)
 
     def sample_tokens(self, *args, **kwargs):
         return self._with_report(super().sample_tokens(*args, **kwargs))
