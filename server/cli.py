@@ -13,8 +13,8 @@ SUBCOMMANDS = {
     "serve": ("vllm_compact.server.serve", "start vLLM's OpenAI-compatible server with KV compaction flags"),
     "models": ("vllm_compact.models.cli", "list, fetch and locate the models this project ships converters for"),
     "data": ("vllm_compact.data.cli", "long-context data: essays, SQuAD, HotpotQA, needle-in-a-haystack prompts"),
-    "bench": ("vllm_compact.server.bench", "benchmarks: am (compaction quality/speed), needle, throughput"),
-    "calibrate": ("vllm_compact.calibration.cli", "measure a per-(layer, KV head) budget table for a model on real text"),
+    "bench": ("vllm_compact.server.bench", "benchmarks: needle answers through a server, serving against stock vLLM, AM quality, soak"),
+    "calibrate": ("vllm_compact.calibration.cli", "measure a per-(layer, KV head) budget table for a model on real text, or evaluate one"),
 }
 
 

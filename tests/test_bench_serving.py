@@ -280,7 +280,7 @@ def test_every_flag_is_explained_in_help():
 def test_registered_as_a_bench_command():
     from vllm_compact.server.bench import BENCHMARKS
 
-    assert BENCHMARKS["serving"] == "vllm_compact.benchmarks.serving"
+    assert BENCHMARKS["serving"][0] == "vllm_compact.benchmarks.serving"
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):

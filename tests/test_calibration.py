@@ -255,6 +255,23 @@ def test_calibrate_tiny_writes_a_valid_table(tiny_path, tmp_path):
     assert json.loads(out2.read_text())["method"] == "coverage-greedy"
 
 
+def test_evaluate_compares_uniform_with_a_table_on_held_out_text(tiny_path, tmp_path, capsys):
+    table = tmp_path / "tiny.json"
+    assert main(["tiny", "--out", str(table), "--objective", "coverage", *SMALL]) == 0
+    out = tmp_path / "evaluation.json"
+    assert main(["tiny", "--evaluate", str(table), "--out", str(out), "--ratios", "5", "10", *SMALL]) == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("vllm-compact calibrate tiny --evaluate ")
+    assert [(r["ratio"], r["head_budgets"]) for r in data["rows"]] == [
+        (5.0, "uniform"), (5.0, "table"), (10.0, "uniform"), (10.0, "table")]
+    assert all(r["contexts"] == 2 and 0 <= r["kept_mass_mean"] <= 1 for r in data["rows"])
+    assert str(tmp_path) not in out.read_text()  # no machine path: $TMPDIR-relative at most
+    assert data["command"] in out.with_suffix(".md").read_text()
+    # no table ships for tiny: --evaluate without a file is refused
+    assert main(["tiny", "--evaluate", *SMALL]) == 2
+    assert "no head-budget table ships for tiny" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [
     ["tiny", "--share", "1.5"], ["tiny", "--share", "0"], ["tiny", "--contexts", "0"], ["tiny", "--floor", "-1"],
     ["tiny", "--scope", "all"], ["tiny", "--span", "abc"], ["tiny", "--span", "100", "--protected", "100"],

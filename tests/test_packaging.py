@@ -41,8 +41,14 @@ def test_vllm_only_through_extras(wheel):
 def test_kernels_and_server_install_inside_the_namespace(wheel):
     names = wheel.namelist()
     assert "vllm_compact/kernels/__init__.py" in names and "vllm_compact/kernels/compact_attention.py" in names
-    assert "vllm_compact/server/cli.py" in names and "vllm_compact/benchmarks/needle.py" in names
+    assert "vllm_compact/server/cli.py" in names and "vllm_compact/benchmarks/needle_serving.py" in names
     assert not [n for n in names if n.startswith(("kernels/", "server/", "tests/"))]
+
+
+def test_research_scripts_are_not_packaged(wheel):
+    names = wheel.namelist()
+    assert not [n for n in names if n.startswith("research/") or "/research/" in n]
+    assert "vllm_compact/benchmarks/reliability/cli.py" in names and "vllm_compact/calibration/evaluate.py" in names
 
 
 def test_plugin_and_console_script_entry_points(wheel):

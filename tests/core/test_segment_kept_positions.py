@@ -1,10 +1,9 @@
-"""What a compact segment says it kept (the needle-kept benchmark reads it) against the packed layout by hand."""
+"""What a compact segment says it kept (research.needle_kept reads it) against the packed layout by hand."""
 
 from __future__ import annotations
 
 import torch
 
-from vllm_compact.benchmarks.needle_kept import kept_share
 from vllm_compact.core.state import CompactSegment
 
 
@@ -19,7 +18,3 @@ def test_kept_positions_unpack_each_heads_own_range():
     )
     assert segment.kept_positions() == [[[10, 14], [3, 7, 9]], [[42], []]]
 
-
-def test_kept_share_counts_the_heads_holding_each_position():
-    kept = [[[10, 14], [3, 7, 9]], [[10], []]]
-    assert kept_share(kept, [10, 14, 9, 99]) == [0.5, 0.25, 0.25, 0.0]

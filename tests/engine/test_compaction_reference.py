@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.engine.conftest import run_scenario
-from vllm_compact.benchmarks.reference_llama import LayerCache, ReferenceLlama, compact_layer_cache
+from tests.reference_llama import LayerCache, ReferenceLlama, compact_layer_cache
 
 BLOCK = 32
 

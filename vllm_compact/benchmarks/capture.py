@@ -58,7 +58,7 @@ class CapturedTensors:
         return int(self.keys.shape[2])
 
 
-class _AttentionRecorder:
+class AttentionRecorder:
     """Records (query, key, value) per layer index while `active`; pass-through otherwise."""
 
     def __init__(self, layers: set[int]) -> None:
@@ -79,7 +79,7 @@ class _AttentionRecorder:
         return records
 
 
-def _register(recorder: _AttentionRecorder) -> None:
+def register_recorder(recorder: AttentionRecorder) -> None:
     ALL_ATTENTION_FUNCTIONS.register(CAPTURE_ATTENTION, recorder)
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_ATTENTION, sdpa_mask)
 
@@ -127,7 +127,7 @@ def build_layout(tokenizer, text: str, span: int, after: int, heldout: int, repe
     )
 
 
-def _pool_group(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def pool_group(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[Hq, n, D] -> [Hkv, G*n, D]: query head j belongs to KV head j // G (transformers' repeat_kv order)."""
     hq, n, d = query.shape
     group = hq // num_kv_heads
@@ -144,8 +144,8 @@ def _forward(model, ids: torch.Tensor, start: int, cache) -> object:
 def capture(model, layout: TokenLayout, layers: list[int]) -> CapturedTensors:
     """Three forwards: span (keys, values, context queries); after+held-out on the span's cache; repeat on a copy."""
     started = time.perf_counter()
-    recorder = _AttentionRecorder(set(layers))
-    _register(recorder)
+    recorder = AttentionRecorder(set(layers))
+    register_recorder(recorder)
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_ATTENTION)
     try:
@@ -177,7 +177,7 @@ def capture(model, layout: TokenLayout, layers: list[int]) -> CapturedTensors:
         "repeat": span_len + n_instruction,
     }
     queries = {
-        name: torch.stack([_pool_group(pick(layer), num_kv) for layer in layers]) for name, pick in sources.items()
+        name: torch.stack([pool_group(pick(layer), num_kv) for layer in layers]) for name, pick in sources.items()
     }
     positions = {
         name: (torch.arange(queries[name].shape[2] // group) + first[name]).repeat(group) for name in sources

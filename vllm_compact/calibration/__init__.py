@@ -5,10 +5,9 @@ The method: the paper's sensitivity calibration and greedy exchange, with a held
 The paper (design note section 5) holds every head at a uniform ratio, sweeps each head's budget, records the
 change in log-perplexity of reference answers, and then moves budget greedily from the cheapest donor to the
 most-benefiting recipient, averaged over target ratios. Here, per (layer, KV head) and per context of essay text
-(vllm_compact/data/essays.py, spread evenly over the first nine tenths of the corpus; `vllm-compact bench
-head-budgets` evaluates on the last tenth), with the token layout the engine compacts (`--protected` head | span |
-`--recent` window | `--window` held-out tokens), keys and queries post-RoPE as the model computes them
-(transformers, fp32, one forward per context):
+(vllm_compact/data/essays.py, spread evenly over the first nine tenths of the corpus; `--evaluate` scores a
+table on the last tenth), with the token layout the engine compacts (`--protected` head | span | `--recent`
+window | `--window` held-out tokens), keys and queries post-RoPE as the model computes them (transformers, fp32, one forward per context):
 
 1. sensitivity: the engine's method (`--method`, default am-highest-attention with the engine's default options)
    compacts EVERY head of the span at each ratio of `--grid` (2.5 .. 40x), fitted on the recent window's queries
@@ -29,8 +28,7 @@ relative output error on held-out queries is what `bench am` reports and what th
 the method the engine runs, on the queries the engine has. Perplexity of reference answers (the paper) is the
 end-to-end version, but it needs a forward per head and budget. `--objective coverage` is a cheaper proxy (no
 AM solves): the held-out attention mass on the keys ranked by the reference queries' RMS attention
-(coverage_curve), maximised by a greedy; on SmolLM2-135M it did not beat uniform budgets held out (see the
-README), so it is not the default. `keys_needed` (keys for `--share` of a head's held-out mass) is recorded as a
+(coverage_curve), maximised by a greedy; it is not the default (docs/research-2026-12.md compares the two). `keys_needed` (keys for `--share` of a head's held-out mass) is recorded as a
 readable diagnostic of how diffuse each head is.
 
 Where budget moves: `--scope layer` (default, shipped) redistributes only among the KV heads of a layer: every

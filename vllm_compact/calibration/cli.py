@@ -11,6 +11,7 @@ from pathlib import Path
 from vllm_compact import calibration
 from vllm_compact.calibration.allocation import proportions_from_curves, proportions_from_errors
 from vllm_compact.calibration.capture import Layout, grid_budgets, measure
+from vllm_compact.calibration.evaluate import SHIPPED, evaluate
 from vllm_compact.calibration.memory import compare_memory, mean_coverage, mean_error
 from vllm_compact.calibration.objectives import OBJECTIVES
 
@@ -69,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a name of `vllm-compact models list` (fetched on first use) or a Hugging Face "
                                  "model folder")
     p.add_argument("--out", "-o", default=None,
-                   help="output JSON file (default: ./<model>-head-budgets.json; '-' for stdout)")
+                   help="output JSON file (default: ./<model>-head-budgets.json, with --evaluate "
+                        "./<model>-head-budgets-evaluation.json and its .md; '-' for stdout when calibrating)")
+    p.add_argument("--evaluate", nargs="?", const=SHIPPED, default=None, metavar="TABLE",
+                   help="instead of calibrating, compare uniform budgets with the head-budget file TABLE (without "
+                        "TABLE: the one shipped for the model) on held-out contexts from the last tenth of the "
+                        "essays, with --method at each --ratios: held-out output and mass error, kept attention "
+                        "mass, pages (vllm_compact.calibration.evaluate)")
     p.add_argument("--contexts", type=_positive_int, default=8, help="essay contexts averaged (default: 8)")
     p.add_argument("--span", type=_positive_int, default=2048,
                    help="tokens of the compacted span per context, the protected head included (default: 2048)")
@@ -227,7 +234,35 @@ def _summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from vllm_compact.benchmarks.results import ResultsFile, command_line
+
+    if args.evaluate != SHIPPED and not Path(args.evaluate).is_file():
+        print(f"vllm-compact calibrate: error: --evaluate {args.evaluate!r} is not a file", file=sys.stderr)
+        return 2
+    args.command = command_line("vllm-compact", "calibrate", *argv)
+    try:
+        name, model_dir = _resolve_model(args.model)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        evaluated = evaluate(args, name, model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vllm-compact calibrate: error: {e}", file=sys.stderr)
+        return 2
+    if evaluated is None:
+        print(f"vllm-compact calibrate: error: no head-budget table ships for {name}; pass --evaluate TABLE",
+              file=sys.stderr)
+        return 2
+    results = ResultsFile(args.out or f"{name}-head-budgets-evaluation.json")
+    results.write(*evaluated)
+    print(results.markdown_path.read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)  # bad arguments: argparse exits 2 with the reason
     if args.protected >= args.span:
@@ -238,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--method {args.method!r} is not one of {', '.join(METHODS)}")
     if args.text is not None and not Path(args.text).is_file():
         parser.error(f"--text {args.text!r} is not a file")
+    if args.evaluate is not None:
+        return _evaluate(args, argv)
     try:
         result = calibrate(args)
     except (FileNotFoundError, ValueError) as e:

@@ -1,4 +1,4 @@
-"""`vllm-compact bench needle-kept`: which of a needle's tokens the SERVED engine keeps, head by head.
+"""`python -m research.needle_kept`: which of a needle's tokens the SERVED engine keeps, head by head.
 
 The engine as served (bf16, the API server's 2048-token prefill chunk, the default compaction settings; the prompt
 is prefilled whole, so the question is among the reference queries), in process: every prompt is answered once per
@@ -12,17 +12,17 @@ named and at its first token, only the answer's own queries read the rest, one t
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
-from pathlib import Path
+
+from vllm_compact.benchmarks.results import ResultsFile, command_line
+from vllm_compact.benchmarks.specs import SpecError, parse_spec
 
 NAME_TOKENS = 6  # tokens of the needle shown before its value: the end of the name and "is:"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllm-compact bench needle-kept", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m research.needle_kept", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--context", type=int, default=2000, help="prompt tokens")
@@ -32,13 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the API server's prefill chunk")
     p.add_argument("--max-tokens", type=int, default=12)
-    p.add_argument("--out", default="bench/results/needle_kept.json")
+    p.add_argument("--out", default="research/results/needle_kept.json")
     return p
-
-
-def _config(text: str) -> tuple[str, float]:
-    method, _, ratio = text.partition(":")
-    return method, float(ratio or 10)
 
 
 def kept_share(kept: list[list[list[int]]], positions: list[int]) -> list[float]:
@@ -60,11 +55,11 @@ def value_positions(tokenizer, prompt: str, needle) -> tuple[int, int]:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
-        configs = [_config(c) for c in args.configs]
-    except ValueError as e:
-        print(f"vllm-compact bench needle-kept: bad --configs entry: {e}", file=sys.stderr)
+        configs = [(spec.method, spec.ratio) for spec in map(parse_spec, args.configs)]
+    except SpecError as e:
+        print(f"research.needle_kept: bad --configs entry: {e}", file=sys.stderr)
         return 2
-    command = shlex.join(["vllm-compact", "bench", "needle-kept", *argv])
+    command = command_line("python", "-m", "research.needle_kept", *argv)
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -126,11 +121,9 @@ def main(argv: list[str]) -> int:
     meta = {"model": args.model, "dtype": args.dtype, "context_tokens": args.context,
             "max_num_batched_tokens": args.max_num_batched_tokens, "command": command,
             "minutes": (time.perf_counter() - started) / 60}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "rows": rows, "prompts": prompts}, indent=1))
-    out.with_suffix(".md").write_text(render(meta, rows, prompts))
-    print(out.with_suffix(".md").read_text())
+    results = ResultsFile(args.out)
+    results.write({**meta, "rows": rows, "prompts": prompts}, render(meta, rows, prompts))
+    print(results.markdown_path.read_text())
     return 0
 
 

@@ -1,33 +1,38 @@
-"""The replica benchmark's configuration strings map onto the methods' own options."""
+"""research.needle_replica: configuration strings map onto the methods' own options."""
 
 from __future__ import annotations
 
 import pytest
 
 from vllm_compact.am.methods import get_method
-from vllm_compact.benchmarks.needle_replica import parse_config
+from research.needle_replica import parse_config, queries_of
+from vllm_compact.benchmarks.specs import SpecError
 
 
 def test_configurations_parse_to_method_options() -> None:
-    method, ratio, options, protect, queries = parse_config(
-        "am-highest-attention:10:refit_values=0:weight_bounds=1:ridge_grid=")
-    assert (method, ratio, protect, queries) == ("am-highest-attention", 10.0, False, "after")
-    assert options == {"refit_values": False, "weight_bounds": (1.0, 1.0), "ridge_grid": ()}
-    configured = get_method(method, **options)
+    spec = parse_config("am-highest-attention:10:refit_values=0:weight_bounds=1:ridge_grid=")
+    assert (spec.method, spec.ratio, spec.flags, queries_of(spec)) == ("am-highest-attention", 10.0, frozenset(),
+                                                                       "after")
+    assert spec.options == {"refit_values": False, "weight_bounds": (1.0, 1.0), "ridge_grid": ()}
+    configured = get_method(spec.method, **spec.options)
     assert configured.refit_values is False and configured.weight_bounds == (1.0, 1.0)
-    assert parse_config("snapkv:20:follow_tokens=16:protect") == ("snapkv", 20.0, {"follow_tokens": 16}, True, "after")
-    assert parse_config("am-omp:10:queries=after+context")[4] == "after+context"
+    protected = parse_config("snapkv:20:follow_tokens=16:protect")
+    assert (protected.method, protected.ratio, protected.options, protected.flags) == (
+        "snapkv", 20.0, {"follow_tokens": 16}, frozenset({"protect"}))
+    assert queries_of(parse_config("am-omp:10:queries=after+context")) == "after+context"
+    with pytest.raises(SpecError):
+        parse_config("am-omp:10:queries=elsewhere")
 
 
 def test_a_configuration_needs_a_ratio() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(SpecError):
         parse_config("snapkv")
 
 
 def test_question_after_feeds_exactly_the_question_after_the_compaction() -> None:
     from transformers import AutoTokenizer
 
-    from vllm_compact.benchmarks.needle_replica import tokens_after
+    from research.needle_replica import tokens_after
     from vllm_compact.data.needle import make_needle_prompt
     from vllm_compact.models.registry import ensure_model
 

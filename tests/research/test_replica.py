@@ -1,4 +1,4 @@
-"""`bench needle-sources` replica on the tiny model: keeping every key reproduces the full cache; evicting does not."""
+"""research.replica on the tiny model: keeping every key reproduces the full cache; evicting does not."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import pytest
 import torch
 
-from vllm_compact.benchmarks import needle_sources
+from research.replica import Replica
+from tests.reference_llama import ReferenceLlama
 from vllm_compact.benchmarks.capture import load_model
-from vllm_compact.benchmarks.reference_llama import ReferenceLlama
 from vllm_compact.models.registry import ensure_model
 
 
@@ -18,7 +18,7 @@ def replica():
     model, tokenizer = load_model(ensure_model("tiny"))
     ids = torch.randint(3, 250, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     args = argparse.Namespace(recent=32, protected=4, max_queries=4096, answer_tokens=4)
-    return needle_sources._Replica(model, ReferenceLlama(model), tokenizer, ids, 8, args)
+    return Replica(model, ReferenceLlama(model), tokenizer, ids, 8, args)
 
 
 @pytest.mark.parametrize(("method", "source"), [("am-highest-attention", "after"),

@@ -1,4 +1,4 @@
-"""`vllm-compact bench needle-diagnosis`: where a needle's tokens go when the engine compacts its prompt.
+"""`python -m research.needle_diagnosis`: where a needle's tokens go when the engine compacts its prompt.
 
 An offline replica at full context (transformers, post-RoPE queries and keys captured as the model computes them)
 of one engine compaction with the question at the end of the prompt: the span is what the engine compacts (after
@@ -13,28 +13,30 @@ the protected head block, before the recent window, whole blocks), and the refer
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from vllm_compact.benchmarks.results import ResultsFile, command_line
+from vllm_compact.benchmarks.specs import parse_spec
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllm-compact bench needle-diagnosis", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m research.needle_diagnosis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--context", type=int, default=2000, help="prompt tokens")
     p.add_argument("--depths", type=int, default=5)
     p.add_argument("--ratio", type=float, default=10.0)
     p.add_argument("--methods", nargs="+", default=["snapkv", "am-highest-attention"],
-                   help="method names, optionally with options: NAME:OPTION=INT (e.g. snapkv:follow_tokens=16)")
+                   help="methods, optionally with options: METHOD[:OPTION=VALUE...] (e.g. snapkv:follow_tokens=16)")
     p.add_argument("--block", type=int, default=128, help="KV block size (vLLM CPU default)")
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--top-heads", type=int, default=10, help="heads reported: those with the most answer_mass")
-    p.add_argument("--out", default="bench/results/needle_diagnosis.json")
+    p.add_argument("--out", default="research/results/needle_diagnosis.json")
     return p
 
 
-def _find(haystack: list[int], needle: list[int]) -> int:
+def find_subsequence(haystack: list[int], needle: list[int]) -> int:
     for i in range(len(haystack) - len(needle), -1, -1):
         if haystack[i : i + len(needle)] == needle:
             return i
@@ -55,17 +57,17 @@ def diagnose_prompt(model, tokenizer, needle, args) -> list[dict]:
     import torch
 
     from vllm_compact.am import HeadBatch, compact_heads, uniform_budgets
-    from vllm_compact.benchmarks.capture import CAPTURE_ATTENTION, _AttentionRecorder, _pool_group, _register
+    from vllm_compact.benchmarks.capture import CAPTURE_ATTENTION, AttentionRecorder, pool_group, register_recorder
 
     prompt = tokenizer.encode(needle.prompt, add_special_tokens=False)
     answer = tokenizer.encode(" " + needle.answer, add_special_tokens=False)
     value_tokens = tokenizer.encode(needle.answer, add_special_tokens=False)
-    value_start = _find(prompt, value_tokens)
+    value_start = find_subsequence(prompt, value_tokens)
     value_pos = torch.arange(value_start, value_start + len(value_tokens))
     ids = torch.tensor(prompt + answer)
     layers = list(range(model.config.num_hidden_layers))
-    recorder = _AttentionRecorder(set(layers))
-    _register(recorder)
+    recorder = AttentionRecorder(set(layers))
+    register_recorder(recorder)
     previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_ATTENTION)
     try:
@@ -85,7 +87,7 @@ def diagnose_prompt(model, tokenizer, needle, args) -> list[dict]:
         q, k, v = records[layer]
         num_kv = k.shape[0]
         group = q.shape[0] // num_kv
-        pooled = lambda pos: _pool_group(q[:, pos], num_kv)  # noqa: E731
+        pooled = lambda pos: pool_group(q[:, pos], num_kv)  # noqa: E731
         res, ans = pooled(reservoir), pooled(writers)
         ans_mass.append(_mass(ans, k, value_pos, recorder.scale, writers.repeat(group)))
         q_mass.append(_mass(res, k, value_pos, recorder.scale, reservoir.repeat(group)))
@@ -99,10 +101,9 @@ def diagnose_prompt(model, tokenizer, needle, args) -> list[dict]:
     kept = {}
     for method in args.methods:
         for source, queries in (("reservoir", torch.cat(q_res)), ("answer", torch.cat(q_ans))):
-            name, _, option = method.partition(":")
-            options = {option.split("=")[0]: int(option.split("=")[1])} if option else {}
+            spec = parse_spec(method, ratio_required=False)
             result = compact_heads(HeadBatch(keys=keys, values=values, queries=queries, scale=recorder.scale,
-                                             budget=budget, key_len=key_len), name, **options)
+                                             budget=budget, key_len=key_len), spec.method, **spec.options)
             kept[(method, source)] = torch.stack(
                 [torch.isin(in_span, result.indices[h]).float().mean() for h in range(keys.shape[0])])
     ans_mass, q_mass = torch.cat(ans_mass), torch.cat(q_mass)
@@ -132,12 +133,10 @@ def main(argv: list[str]) -> int:
         rows, summary = diagnose_prompt(model, tokenizer, needle, args)
         heads += rows
         summaries.append(summary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "summary": summaries, "heads": heads}, indent=1))
+    command = command_line("python", "-m", "research.needle_diagnosis", *argv)
     keys = [k for k in summaries[0] if k.startswith("kept_")]
     lines = ["# Where the needle goes (offline replica of one engine compaction, question at the end)", "",
-             f"Command: `vllm-compact bench needle-diagnosis --context {args.context} --ratio {args.ratio:g} --methods {' '.join(args.methods)}`; "
+             f"Command: `{command}`; "
              f"model {args.model}, block {args.block}, recent window {args.recent}, uniform budgets.", "",
              "Share of the needle's value tokens kept, weighted over heads by the attention mass the answer's "
              "writing queries put on them (1 = every head the answer reads keeps every digit):", "",
@@ -152,8 +151,9 @@ def main(argv: list[str]) -> int:
     for r in heads:
         lines.append(f"| {r['depth']} | {r['layer']} | {r['kv_head']} | {r['answer_mass']:.3f} | "
                      f"{r['question_mass']:.3f} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
+    results = ResultsFile(args.out)
+    results.write({"command": command, "args": vars(args), "summary": summaries, "heads": heads}, "\n".join(lines))
+    print(results.markdown_path.read_text())
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`vllm-compact bench needle-replica`: does the ANSWER survive one engine compaction, lever by lever (offline).
+"""`python -m research.needle_replica`: does the ANSWER survive one engine compaction, lever by lever (offline).
 
 An offline replica of the engine's compaction of a needle prompt: transformers captures post-RoPE keys/values and
 the queries of the document's last `--recent` tokens (the engine's reservoir); the span between the protected head
@@ -7,8 +7,8 @@ entries with beta ; recent window] with the plain-torch reference forward at the
 `--question end` the question is part of the document (among the reservoir's queries: the engine compacting a
 fully prefilled prompt); with `--question after` it is fed only after the compaction (query-agnostic, as when the
 engine compacts during prefill or the question is a follow-up). A configuration is
-`METHOD:RATIO[:OPTION=VALUE...][:protect]`: options are the method's dataclass fields (`refit_values=0`,
-`follow_tokens=16`, `weight_bounds=1` for beta = 0, `ridge_grid=` for none), except `queries=SOURCES`, the
+`METHOD:RATIO[:OPTION=VALUE...][:protect]` (vllm_compact.benchmarks.specs): options are the method's dataclass
+fields (`refit_values=0`, `follow_tokens=16`, `weight_bounds=1` for beta = 0, `ridge_grid=` for none), and `queries=SOURCES`, the
 reference queries joined by `+`: `after` (the engine's reservoir, the default), `context` (the span's own queries,
 strided: queries spread over the whole prompt), `repeat` (the paper's repeat-prefill: the span's queries when the
 model is asked to repeat it), `heldout` (the question's own queries with `--question after`: an oracle); `protect`
@@ -18,14 +18,16 @@ forces the needle sentence's keys into every head (an oracle: is keeping the fac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from vllm_compact.benchmarks.results import ResultsFile, command_line
+from vllm_compact.benchmarks.specs import MethodSpec, SpecError, parse_spec
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllm-compact bench needle-replica", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m research.needle_replica", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--context", type=int, default=2048, help="prompt tokens")
@@ -39,39 +41,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="the question inside the compacted document's recent window, or fed after the compaction "
                         "(default: %(default)s)")
     p.add_argument("--answer-tokens", type=int, default=10)
-    p.add_argument("--out", default="bench/results/needle_replica.json")
+    p.add_argument("--out", default="research/results/needle_replica.json")
     return p
 
 
-def _option(key: str, raw: str):
-    if key == "ridge_grid":
-        return tuple(float(x) for x in raw.split("/") if x)
-    if key == "weight_bounds":
-        low, _, high = raw.partition("/")
-        return (float(low), float(high or low))
-    if key in ("refit_values", "shrink_to_original"):
-        return raw.lower() in ("1", "true")
-    if key == "distinct_metric":
-        return raw
-    return int(raw) if raw.lstrip("-").isdigit() else float(raw)
+QUERY_SOURCES = ("after", "context", "repeat", "heldout")
 
 
-def parse_config(config: str) -> tuple[str, float, dict, bool, str]:
-    method, ratio, *rest = config.split(":")
-    pairs = [p.partition("=") for p in rest if p and p != "protect"]
-    options = {k: _option(k, v) for k, _, v in pairs if k != "queries"}
-    queries = next((v for k, _, v in pairs if k == "queries"), "after")
-    if any(source not in ("after", "context", "repeat", "heldout") for source in queries.split("+")):
-        raise ValueError(f"queries must be after, context, repeat or heldout joined by +, not {queries!r}")
-    return method, float(ratio), options, "protect" in rest, queries
+def parse_config(config: str) -> MethodSpec:
+    """A `--configs` entry: METHOD:RATIO, the method's options, `queries=` (default after), `protect`."""
+    spec = parse_spec(config, extra_keys=("queries",), flags=("protect",))
+    queries = spec.extras.get("queries", "after")
+    if any(source not in QUERY_SOURCES for source in queries.split("+")):
+        raise SpecError(f"queries must be {', '.join(QUERY_SOURCES)} joined by +, not {queries!r}")
+    return spec
+
+
+def queries_of(spec: MethodSpec) -> str:
+    return spec.extras.get("queries", "after")
 
 
 def _needle_positions(tokenizer, ids: list[int], needle) -> list[int]:
     """The needle sentence's token positions in the prompt (through its value and the two tokens after)."""
-    from vllm_compact.benchmarks.needle_diagnosis import _find
+    from research.needle_diagnosis import find_subsequence
 
     value = tokenizer.encode(needle.answer, add_special_tokens=False)
-    end = _find(ids, value) + len(value)
+    end = find_subsequence(ids, value) + len(value)
     sentence = len(tokenizer.encode(needle.needle, add_special_tokens=False))
     return list(range(end - sentence - 1, end + 2))
 
@@ -92,15 +87,15 @@ def main(argv: list[str]) -> int:
     for config in args.configs:
         try:
             parse_config(config)
-        except ValueError as e:
-            print(f"vllm-compact bench needle-replica: bad --configs entry {config!r}: {e}", file=sys.stderr)
+        except SpecError as e:
+            print(f"research.needle_replica: bad --configs entry {config!r}: {e}", file=sys.stderr)
             return 2
     import torch
     from tqdm import tqdm
 
     from vllm_compact.benchmarks.capture import load_model
-    from vllm_compact.benchmarks.needle_sources import _Replica
-    from vllm_compact.benchmarks.reference_llama import ReferenceLlama
+    from research.replica import Replica
+    from tests.reference_llama import ReferenceLlama
     from vllm_compact.data.needle import make_needle_prompt
     from vllm_compact.server.serve import resolve_model
 
@@ -116,7 +111,7 @@ def main(argv: list[str]) -> int:
     for seed, depth in tqdm(prompts, desc="needle prompts", file=sys.stderr):
         needle = make_needle_prompt(tokenizer, args.context, depth, "number", seed=seed)
         ids = tokenizer.encode(needle.prompt, add_special_tokens=False)
-        replica = _Replica(model, reference, tokenizer, ids, tokens_after(tokenizer, needle, ids, args.question),
+        replica = Replica(model, reference, tokenizer, ids, tokens_after(tokenizer, needle, ids, args.question),
                            settings)
         positions = _needle_positions(tokenizer, ids, needle)
         for config in configs:
@@ -124,8 +119,9 @@ def main(argv: list[str]) -> int:
                 if config == "none":
                     cache = replica.full
                 else:
-                    method, ratio, options, protect, queries = parse_config(config)
-                    cache = replica.compacted_cache(method, ratio, queries, options, positions if protect else None)
+                    spec = parse_config(config)
+                    cache = replica.compacted_cache(spec.method, spec.ratio, queries_of(spec), spec.options,
+                                                    positions if "protect" in spec.flags else None)
                 text = replica.answer(cache)
             hit = needle.is_answered_by(text)
             counts[config][0] += hit
@@ -134,20 +130,16 @@ def main(argv: list[str]) -> int:
                             "completion": text, "hit": hit})
     rows = [{"config": c, "model": args.model, "context_tokens": args.context, "question": args.question, "hits": h,
              "total": n} for c, (h, n) in counts.items()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "answers": answers}, indent=1))
+    command = command_line("python", "-m", "research.needle_replica", *argv)
     placement = "at the end" if args.question == "end" else "after the compaction"
     lines = [f"# Does the answer survive one compaction? (offline replica, question {placement})", "",
-             f"Command: `vllm-compact bench needle-replica --question {args.question} --context {args.context} "
-             f"--depths "
-             f"{' '.join(f'{d:g}' for d in args.depths)} --seeds {' '.join(map(str, args.seeds))} --configs "
-             f"{' '.join(args.configs)}`; model {args.model}, protected {args.protected}, recent window "
-             f"{args.recent}; {(time.perf_counter() - started) / 60:.1f} min.", "",
+             f"Command: `{command}`; model {args.model}, protected {args.protected}, recent window {args.recent}; "
+             f"{(time.perf_counter() - started) / 60:.1f} min.", "",
              "| configuration | hits |", "|---|---|"]
     lines += [f"| {r['config']} | {r['hits']}/{r['total']} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
+    results = ResultsFile(args.out)
+    results.write({"command": command, "args": vars(args), "rows": rows, "answers": answers}, "\n".join(lines))
+    print(results.markdown_path.read_text())
     return 0
 
 
