@@ -111,6 +111,19 @@ class ScoreRequest:
 def reference_attention(
     batch: HeadBatch, visibility: Visibility, scores: ScoreRequest | None = None
 ) -> ReferenceAttention:
+    """Output, lse and row max of the span for every reference query, plus the per-key scores when asked for.
+
+    On CPU without causal positions the output and lse come from torch's fused flash-attention kernel and one
+    more pass gives the row max and scores (`fused_reference_attention`); otherwise dense tiles do everything.
+    """
+    if batch.device.type == "cpu" and visibility.query_pos is None and _CPU_FLASH is not None:
+        return fused_reference_attention(batch, visibility, scores)
+    return tiled_reference_attention(batch, visibility, scores)
+
+
+def tiled_reference_attention(
+    batch: HeadBatch, visibility: Visibility, scores: ScoreRequest | None = None
+) -> ReferenceAttention:
     """Local output, lse and row max of the span, in cache-sized tiles of heads x queries.
 
     With `scores`, the same pass also reduces each key's attention probability over the requested rows (the
@@ -148,12 +161,77 @@ def reference_attention(
                 # probabilities of the scored rows only (others zeroed; blind rows are all zero already)
                 probs = weights.mul_((scores.rows[hs, rs] / safe_total)[..., None])
                 accum[hs] = _accumulate(accum[hs], probs, scores.reduce)
-    key_scores = None
-    if accum is not None:
-        counted = (scores.rows & torch.isfinite(lse)).sum(dim=1).clamp(min=1).float()[:, None]
-        key_scores = accum if scores.reduce == "max" else accum / counted
-        key_scores = key_scores.sqrt_() if scores.reduce == "rms" else key_scores
-    return ReferenceAttention(row_max=row_max, lse=lse, output=output, key_scores=key_scores)
+    return ReferenceAttention(row_max=row_max, lse=lse, output=output, key_scores=_finish_scores(accum, scores, lse))
+
+
+# The CPU flash-attention kernel behind F.scaled_dot_product_attention; unlike the public function it also returns
+# the log-sum-exp. Private to aten, hence looked up once and optional.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_reference_attention(
+    batch: HeadBatch, visibility: Visibility, scores: ScoreRequest | None = None
+) -> ReferenceAttention:
+    """`tiled_reference_attention` without causal positions, from the fused CPU kernel plus one pass over logits.
+
+    The kernel never writes the N x K logits, so output and lse cost about one matmul. The row max and the scores
+    need the logits once more: each tile is computed already shifted by the row's lse (and scaled by the power the
+    reduction needs, 2 for rms) in one baddbmm, so exp of it is p or p^2 directly, and the scored rows are summed
+    by a matrix-vector product instead of a mask pass.
+    """
+    heads, n_queries, _ = batch.queries.shape
+    n_keys = batch.keys.shape[1]
+    device = batch.device
+    # one softmax scale per head, folded into the queries (the kernel takes one scale for all heads)
+    queries = batch.queries.float() * batch.scale_per_head()[:, None, None]
+    keys = batch.keys.float()
+    values = batch.values.float()
+    additive = None  # [H,1,K] existing bias, -inf at padded keys
+    if batch.key_bias is not None or not bool(visibility.key_valid.all()):
+        additive = batch.bias_or_zero().masked_fill(~visibility.key_valid, NEG_INF)[:, None, :]
+    output, lse = _CPU_FLASH(
+        queries[None], keys[None], values[None], 0.0, False,
+        attn_mask=None if additive is None else additive[None], scale=1.0,
+    )
+    output, lse = output[0], lse[0]
+    sees = visibility.query_valid & visibility.key_valid.any(dim=1, keepdim=True)
+    lse = lse.masked_fill(~sees, NEG_INF)
+    output = output.masked_fill(~sees[:, :, None], 0.0)
+    shift = torch.where(sees, lse, float("inf"))  # rows that see nothing: every shifted logit is -inf
+
+    power = 2.0 if scores is not None and scores.reduce == "rms" else 1.0
+    row_max = torch.full((heads, n_queries), NEG_INF, device=device)
+    accum = None if scores is None else torch.zeros(heads, n_keys, device=device)
+    keys_t = keys.transpose(1, 2)
+    rows_per_tile = max(1, CPU_TILE_ELEMENTS // n_keys)
+    for h in range(heads):
+        hs = slice(h, h + 1)
+        for r0 in range(0, n_queries, rows_per_tile):
+            rs = slice(r0, min(n_queries, r0 + rows_per_tile))
+            # power * (s q.k + bias - lse): exp of it is the attention probability to that power
+            shifted = torch.baddbmm(shift[hs, rs, None], queries[hs, rs], keys_t[hs], beta=-power, alpha=power)
+            if additive is not None:
+                shifted.add_(additive[hs], alpha=power)
+            row_max[hs, rs] = shifted.amax(dim=-1) / power + shift[hs, rs]
+            if accum is None:
+                continue
+            probs = shifted.exp_()
+            scored = (scores.rows[hs, rs] & sees[hs, rs]).float()
+            if scores.reduce == "max":
+                accum[hs] = torch.maximum(accum[hs], probs.mul_(scored[:, :, None]).amax(dim=1))
+            else:
+                accum[hs] += torch.bmm(scored[:, None, :], probs)[:, 0]
+    row_max = row_max.masked_fill(~sees, NEG_INF)
+    return ReferenceAttention(row_max=row_max, lse=lse, output=output, key_scores=_finish_scores(accum, scores, lse))
+
+
+def _finish_scores(accum: Tensor | None, scores: ScoreRequest | None, lse: Tensor) -> Tensor | None:
+    """Accumulated per-key sums -> the requested reduction (mean over the scored rows that see a key)."""
+    if accum is None:
+        return None
+    counted = (scores.rows & torch.isfinite(lse)).sum(dim=1).clamp(min=1).float()[:, None]
+    key_scores = accum if scores.reduce == "max" else accum / counted
+    return key_scores.sqrt_() if scores.reduce == "rms" else key_scores
 
 
 def _accumulate(accum: Tensor, probs: Tensor, reduce: str) -> Tensor:
