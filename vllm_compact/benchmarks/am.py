@@ -8,9 +8,7 @@ compacts every (layer, KV head) with each method at each ratio, and measures the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +22,9 @@ from vllm_compact.am import CompactedHeads, HeadBatch, attention_errors, compact
 from vllm_compact.benchmarks.capture import CapturedTensors, build_layout, capture, load_model
 from vllm_compact.benchmarks.heldout import HeldoutReference, heldout_errors, heldout_reference
 from vllm_compact.benchmarks.prefill import PrefillTiming, time_prefill_transformers, time_prefill_vllm
-from vllm_compact.benchmarks.report import write_markdown, write_plot
+from vllm_compact.benchmarks.report import markdown, write_plot
+from vllm_compact.benchmarks.results import ResultsFile, command_line
+from vllm_compact.benchmarks.specs import SpecError, parse_options
 
 # run order: the sources the design expects to work best first (rows arrive incrementally)
 QUERY_SOURCES = ("after", "repeat", "context-causal", "context")
@@ -104,17 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON rows; the markdown (.md) and plot (.png) go beside it")
     add("--seed", type=int, default=0, help="torch seed (methods with randomness)")
     return parser
-
-
-def parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def _strided(tensor: torch.Tensor, positions: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +303,11 @@ def _machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    options = parse_options(args.option)
+    try:
+        options = parse_options(args.option)  # read as JSON: they apply to every AM method
+    except SpecError as e:
+        print(f"vllm-compact bench am: error: --option: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
@@ -334,10 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     reference = heldout_reference(cap.keys.flatten(0, 1), cap.values.flatten(0, 1),
                                   cap.queries["heldout"].flatten(0, 1), cap.scale)
     meta = {
-        "command": "vllm-compact bench am " + shlex.join(argv),
+        "command": command_line("vllm-compact", "bench", "am", *argv),
         "machine": _machine(),
         "model": args.model,
-        "model_dir": str(model_dir),
         "span_tokens": cap.span_tokens,
         "after_tokens": args.after_tokens,
         "heldout_tokens": args.heldout_tokens,
@@ -412,17 +404,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_results(out: Path, meta: dict, rows: list[Row], skipped: list[Skipped], targets: list[Target]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     sources = list(dict.fromkeys(r.queries for r in rows))
     ordered = sorted(rows, key=lambda r: (sources.index(r.queries), METHODS.index(r.method), r.ratio))
     document = {
+        "command": meta["command"],
         "meta": meta,
         "rows": [asdict(r) for r in ordered],
         "skipped": [asdict(s) for s in skipped],
         "targets": [asdict(t) for t in targets],
     }
-    out.write_text(json.dumps(document, indent=1) + "\n")
-    write_markdown(out.with_suffix(".md"), meta, document["rows"], document["skipped"], document["targets"])
+    ResultsFile(out).write(document, markdown(meta, document["rows"], document["skipped"], document["targets"]))
     write_plot(out.with_suffix(".png"), document["rows"])
 
 

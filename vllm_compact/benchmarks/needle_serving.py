@@ -17,12 +17,11 @@ against differently started servers add up to one table; each row records the se
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+
+from vllm_compact.benchmarks.results import ResultsFile, command_line
 
 KEY = ("model", "method", "ratio", "dtype", "context_tokens", "question", "head_budgets", "kind")
 
@@ -53,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    bench_command = shlex.join(["vllm-compact", "bench", "needle-serving", *argv])
+    bench_command = command_line("vllm-compact", "bench", "needle-serving", *argv)
     import requests
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -99,14 +98,13 @@ def main(argv: list[str]) -> int:
                          "concurrency": args.concurrency,
                          "server_command": args.server_command, "bench_command": bench_command})
     print(f"{(time.perf_counter() - started) / 60:.1f} min", file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.exists() else {"rows": [], "answers": []}
+    results = ResultsFile(args.out)
+    old = results.read() or {"rows": [], "answers": []}
     rows = _merge(old["rows"], rows, KEY)
     answers = _merge(old["answers"], answers, KEY + ("depth", "seed"))
-    out.write_text(json.dumps({"rows": rows, "answers": answers}, indent=1))
-    out.with_suffix(".md").write_text(render(rows))
-    print(out.with_suffix(".md").read_text())
+    # the rows of earlier runs keep their own commands; `command` is the latest run's
+    results.write({"command": bench_command, "rows": rows, "answers": answers}, render(rows))
+    print(results.markdown_path.read_text())
     return 0
 
 

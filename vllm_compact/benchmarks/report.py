@@ -1,4 +1,4 @@
-"""Markdown tables and the error-vs-ratio plot of `bench am` (rows, skipped runs and targets as plain dicts)."""
+"""Markdown page and the error-vs-ratio plot of `bench am` (rows, skipped runs and targets as plain dicts)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _timing_line(meta: dict) -> list[str]:
             "times and machine load (other jobs shared this 2-core machine)"]
 
 
-def write_markdown(path: Path, meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]) -> None:
+def markdown(meta: dict, rows: list[dict], skipped: list[dict], targets: list[dict]) -> str:
     methods = _ordered(r["method"] for r in rows)
     ratios = sorted({r["ratio"] for r in rows})
     lines = _header(meta) + ["", "## Targets", ""]
@@ -76,7 +76,7 @@ def write_markdown(path: Path, meta: dict, rows: list[dict], skipped: list[dict]
     if skipped:
         lines += ["", "## Runs not made", ""]
         lines += [f"- {s['method']} at {s['ratio']:g}x, queries={s['queries']}: {s['reason']}" for s in skipped]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 def write_plot(path: Path, rows: list[dict]) -> None:

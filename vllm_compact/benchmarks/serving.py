@@ -40,6 +40,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vllm_compact.benchmarks.results import ResultsFile, command_line
+
 GiB = 1 << 30
 MiB = 1 << 20
 SERVERS = ("stock", "compaction")
@@ -519,9 +521,7 @@ def load_doc(out: Path) -> dict:
 def write_doc(out: Path, command: str, machine: dict, new_rows: list[dict]) -> dict:
     doc = load_doc(out)
     doc = {"command": command, "machine": machine, "rows": merge_rows(doc["rows"], new_rows)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(render_markdown(doc))
+    ResultsFile(out).write(doc, render_markdown(doc))
     return doc
 
 
@@ -818,7 +818,7 @@ def execute(run: Run, args: argparse.Namespace, per_token: int) -> dict:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    command = shlex.join(["vllm-compact", "bench", "serving", *argv])
+    command = command_line("vllm-compact", "bench", "serving", *argv)
     from vllm_compact.server.flags import local_model_dir
     from vllm_compact.server.serve import resolve_model
 
@@ -874,6 +874,9 @@ def main(argv: list[str]) -> int:
             print(f"vllm-compact bench serving: {e}", file=sys.stderr)
             return 1
         write_doc(out, command, machine, [row])  # after every run: an interrupted run keeps what it measured
+        for kept in (run.log_path, run.log_path.with_name(run.log_path.name.replace(".server.log", ".bench.log")),
+                     run.result_path):
+            ResultsFile(out).scrub_file(kept)  # the raw files stay beside the results, without this machine's paths
         if row["completed"] < row["requests"]:
             incomplete.append(f"{row['workload']} / {row['server']}: {row['completed']}/{row['requests']}")
     log(f"all runs done in {(time.monotonic() - started) / 60:.1f} min; wrote {out} and {out.with_suffix('.md')}")

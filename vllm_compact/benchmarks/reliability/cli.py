@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import shlex
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from vllm_compact.benchmarks import reliability
 from vllm_compact.benchmarks.reliability.client import run_load
 from vllm_compact.benchmarks.reliability.outcomes import breakdown, is_lost, summarise
 from vllm_compact.benchmarks.reliability.report import markdown
+from vllm_compact.benchmarks.results import ResultsFile, command_line
 from vllm_compact.benchmarks.reliability.request_specs import make_specs, parse_rules, token_source
 from vllm_compact.benchmarks.reliability.server import (
     fault_switch,
@@ -106,7 +105,7 @@ def main(argv: list[str]) -> int:
 
     from vllm_compact.server.serve import resolve_model
 
-    command = shlex.join(["vllm-compact", "bench", "reliability", *argv])
+    command = command_line("vllm-compact", "bench", "reliability", *argv)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     code = code_version()
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> int:
     if args.start_server:
         log_path = Path(args.server_log or out_path.with_name(out_path.stem + "_server.log"))
         process, base_url, cmd = start_server(args, log_path)
-        server_info = {"command": shlex.join(["vllm-compact", *cmd[1:]]),
+        server_info = {"command": command_line("vllm-compact", *cmd[1:]),
                        "env": f"VLLM_COMPACT_FAULTS={fault_switch(args)}",
                        "log": str(log_path)}
     else:
@@ -177,9 +176,9 @@ def main(argv: list[str]) -> int:
         "stats_start": _trim(stats_start),
         "stats_end": _trim(stats_end),
     }
-    out_path.write_text(json.dumps(result, indent=1, default=str))
-    out_path.with_suffix(".md").write_text(markdown(result))
-    print(out_path.with_suffix(".md").read_text())
+    results = ResultsFile(out_path)
+    results.write(result, markdown(result))
+    print(results.markdown_path.read_text())
     return 0 if all(summary["targets"].values()) else 1
 
 
