@@ -69,27 +69,28 @@ def fit_log_weights(
     same bounded NNLS (kernels.nnls_pg `prior`). `ridge` is the relative ridge of its unconstrained least-squares
     start (before clamping and PG steps).
     """
-    stabiliser = torch.where(torch.isfinite(reference.row_max), reference.row_max, 0.0)
-    mass_matrix = (logits - stabiliser[:, :, None]).exp_()
-    target = torch.exp(reference.lse - stabiliser)
-    rows = fit_rows & torch.isfinite(reference.lse)
-    prior = _uniform_prior(mass_matrix, target, rows, entries.valid, bounds, prior_ridge) if prior_ridge > 0 else None
+    # Only the fit rows enter the system: gather them first (held-out rows would be zero rows of M).
+    index, in_fit = row_subset(fit_rows & torch.isfinite(reference.lse))
+    row_max = torch.gather(reference.row_max, 1, index)
+    stabiliser = torch.where(torch.isfinite(row_max), row_max, 0.0)
+    # exp(-inf) = 0 at invalid entries and blind rows, so only padded fit rows need zeroing
+    mass_matrix = (gather_rows(logits, index) - stabiliser[:, :, None]).exp_().masked_fill_(~in_fit[:, :, None], 0.0)
+    target = torch.exp(torch.gather(reference.lse, 1, index) - stabiliser).masked_fill_(~in_fit, 0.0)
+    prior = _uniform_prior(mass_matrix, target, entries.valid, bounds, prior_ridge) if prior_ridge > 0 else None
     weight = nnls_pg(
-        mass_matrix, target, lower=bounds[0], upper=bounds[1], col_mask=entries.valid, row_mask=rows,
+        mass_matrix, target, lower=bounds[0], upper=bounds[1], col_mask=entries.valid, row_mask=in_fit,
         pg_iters=pg_iters, ridge=ridge, prior=prior,
     )
     return torch.where(entries.valid, torch.log(weight.clamp(min=bounds[0])), 0.0)
 
 
 def _uniform_prior(
-    mass_matrix: Tensor, target: Tensor, rows: Tensor, col_valid: Tensor, bounds: tuple[float, float], prior_ridge: float
+    mass_matrix: Tensor, target: Tensor, col_valid: Tensor, bounds: tuple[float, float], prior_ridge: float
 ) -> tuple[Tensor, Tensor]:
-    """(lam [H], c [H,t]) of fit_log_weights' prior term lam ||w - c||^2."""
-    used = rows[:, :, None] & col_valid[:, None, :]
-    kept_mass = torch.where(used, mass_matrix, 0.0)
-    scale = torch.where(rows, target, 0.0).sum(dim=1) / kept_mass.sum(dim=(1, 2))
+    """(lam [H], c [H,t]) of fit_log_weights' prior term lam ||w - c||^2 (M and m zero outside the fit system)."""
+    scale = target.sum(dim=1) / mass_matrix.sum(dim=(1, 2))
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0).clamp(bounds[0], bounds[1])
-    diagonal = kept_mass.square().sum(dim=1)  # [H,t] diag of M^T M over the fit rows
+    diagonal = mass_matrix.square().sum(dim=1)  # [H,t] diag of M^T M over the fit rows
     lam = prior_ridge * diagonal.sum(dim=1) / col_valid.sum(dim=1).clamp(min=1)
     return lam, scale[:, None].expand_as(col_valid)
 
@@ -152,9 +153,9 @@ def original_values(
 ) -> ValueFit:
     """C2 = the kept keys' original values (no refit), with its held-out error for the guard."""
     values = entries.values.float().masked_fill(~entries.valid[:, :, None], 0.0)
-    attention = softmax_rows(logits + log_weight[:, None, :])
     index, judged = row_subset(rows.heldout & covered_rows(logits))
-    error = squared_output_error(gather_rows(attention, index), values, gather_rows(reference.output, index), judged)
+    attention = softmax_rows(gather_rows(logits, index) + log_weight[:, None, :])  # only the judged rows
+    error = squared_output_error(attention, values, gather_rows(reference.output, index), judged)
     failed = ~torch.isfinite(values).flatten(1).all(dim=1)
     return ValueFit(values=values, failed=failed, heldout_error=error)
 
