@@ -8,6 +8,7 @@ flag (or config-file field), the value and what is allowed.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Literal, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -32,7 +33,6 @@ COMPACTION_FLAGS: dict[str, str] = {
     "--kv-compaction-recent-window": "recent_window_tokens",
     "--kv-compaction-protected-initial": "protected_initial_tokens",
     "--kv-compaction-method": "method",
-    "--kv-compaction-query-source": "query_source",
     "--kv-compaction-head-budgets": "head_budget_file",
     "--kv-compaction-max-reference-queries": "max_reference_queries",
     "--kv-compaction-value-ridge": "value_ridge",
@@ -205,6 +205,10 @@ def allowed_values(field: str) -> str:
     """What a field accepts, in words, from its type and bounds."""
     info = CompactionConfig.model_fields[field]
     annotation = info.annotation
+    unset = ""
+    if type(None) in get_args(annotation) and field != "head_budget_file":  # optional: the type it holds when set
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+        unset = " (or unset)"
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(v) for v in get_args(annotation))
     if annotation is bool:
@@ -218,7 +222,7 @@ def allowed_values(field: str) -> str:
         for cls, op, attr in ((Ge, ">=", "ge"), (Gt, ">", "gt"), (Le, "<=", "le"), (Lt, "<", "lt")):
             if isinstance(meta, cls):
                 bounds.append(f"{op} {getattr(meta, attr)}")
-    return f"{noun} {' and '.join(bounds)}".strip()
+    return f"{noun} {' and '.join(bounds)}".strip() + unset
 
 
 def describe_validation_error(err: ValidationError, flags: dict[str, str]) -> str:
@@ -228,7 +232,10 @@ def describe_validation_error(err: ValidationError, flags: dict[str, str]) -> st
         # pydantic's literal message already lists the choices, which "allowed" repeats
         msg = "not one of the choices" if e["type"] == "literal_error" else e["msg"].removeprefix("Value error, ")
         if not e["loc"]:  # a whole-model check (e.g. head_budget_file exists): the message names the field
-            named = [f for f in CompactionConfig.model_fields if f in msg]
+            # the field the message names first (word by word: `ratio` is not part of another field's name)
+            named = sorted((m.start(), f) for f in CompactionConfig.model_fields
+                           for m in [re.search(rf"\b{f}\b", msg)] if m)
+            named = [f for _, f in named]
             where = f"{flags[named[0]]}: " if named and named[0] in flags else ""
             allowed = f"; allowed: {allowed_values(named[0])}" if named else ""
             lines.append(f"{where}{msg}{allowed}")

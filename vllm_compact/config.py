@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_compact.am.methods import METHODS
 from vllm_compact.head_table import UNIFORM, read_head_table
@@ -16,12 +16,6 @@ ENV_VAR = "VLLM_COMPACT_CONFIG"
 MAX_RATIO = 1000.0
 
 MethodName = Literal[METHODS]  # the method registry is the one list of methods
-# The engine's reference queries are the protected recent window's, captured as they pass through attention: the
-# queries that come after the compacted span. That is the only source the engine implements.
-QuerySource = Literal["after"]
-# Measured offline by `vllm-compact bench am` / `bench needle-sources`, not implemented in the engine: refused by
-# name (a value accepted and then ignored would look like it worked).
-OFFLINE_QUERY_SOURCES = ("context", "context-causal", "repeat")
 
 
 class CompactionConfig(BaseModel):
@@ -41,25 +35,29 @@ class CompactionConfig(BaseModel):
     recent_window_tokens: int = Field(
         256, ge=0, description="Most recent tokens that are never compacted; their queries are the reference queries."
     )
-    query_source: QuerySource = Field("after", description="Reference queries used to fit the compact segment.")
-    max_reference_queries: int = Field(
-        4096, ge=1, description="Per KV head cap of reference queries kept per request (bounded reservoir)."
+    max_reference_queries: int | None = Field(
+        None,
+        ge=1,
+        description="Reference queries kept per request: the queries of its last this many tokens (every query "
+        "head, every layer), at most recent_window_tokens. Fewer: less memory outside the KV pool and a faster "
+        "fit, on fewer queries. Unset: the whole recent window.",
     )
-    value_ridge: float = Field(1e-3, ge=0.0, description="Relative ridge of the value least-squares fit.")
     refit_values: bool = Field(
         False,
-        description="Refit the compact values by least squares on the reference queries (AM's C2). Off: the kept "
-        "keys keep their values and only beta is fitted; values fitted on the recent window's queries lose facts "
-        "that later queries read (bench needle-serving).",
+        description="Refit the compact values by least squares on the reference queries (AM's C2; am-* methods). "
+        "Off: the kept keys keep their original values and only beta is fitted.",
+    )
+    value_ridge: float = Field(
+        1e-3, ge=0.0, description="Relative ridge of the value least-squares fit; only with refit_values."
     )
     distinct_share: float = Field(
         0.25,
         ge=0.0,
         le=1.0,
-        description="Share of each head's budget kept for the keys least like the span's others (RoPE undone), "
-        "chosen without any query: facts a later question asks for survive a compaction made before it "
-        "(bench needle-replica). The rest goes to the keys the reference queries attend to; with the question "
-        "among them a larger share costs answers (bench needle-serving, 20x, 2K+4K: 27/40 at 0.5, 32/40 at 0.25).",
+        description="Share of each head's budget kept for the keys least like the span's other keys (RoPE undone), "
+        "chosen without any query, so that what a later question asks about can survive a compaction made before "
+        "it. The rest goes to the keys the reference queries attend to most. Used by am-highest-attention; the "
+        "other methods keep their own selection.",
     )
     head_budget_file: str | None = Field(
         None,
@@ -92,16 +90,26 @@ class CompactionConfig(BaseModel):
         "so that the prompt's last tokens (usually the question) are among the reference queries.",
     )
 
-    @field_validator("query_source", mode="before")
-    @classmethod
-    def _implemented_query_source(cls, value):
-        if value in OFFLINE_QUERY_SOURCES:
+    @model_validator(mode="after")
+    def _settings_that_take_effect(self) -> CompactionConfig:
+        # A setting accepted and then ignored would look like it worked: refuse it by name.
+        if self.max_reference_queries is not None and self.max_reference_queries > self.recent_window_tokens:
             raise ValueError(
-                f"query_source {value!r} is not implemented by the engine (measured offline only: `vllm-compact "
-                "bench am`, `bench needle-replica`); the engine fits on the recent window's queries, 'after', and "
-                "keeps query-free distinct keys (distinct_share)"
+                f"max_reference_queries ({self.max_reference_queries}) must be at most recent_window_tokens "
+                f"({self.recent_window_tokens}): the reference queries are the recent window's"
             )
-        return value
+        if not self.refit_values and self.value_ridge != type(self).model_fields["value_ridge"].default:
+            raise ValueError(
+                f"value_ridge ({self.value_ridge:g}) applies only with refit_values; without it the compact values "
+                "are the kept keys' own and nothing is fitted (set refit_values true, or leave value_ridge unset)"
+            )
+        return self
+
+    @property
+    def reference_queries(self) -> int:
+        """Tokens whose queries a request keeps as reference queries (its reservoir's capacity, at least 1)."""
+        window = self.recent_window_tokens
+        return max(1, window if self.max_reference_queries is None else min(window, self.max_reference_queries))
 
     @field_validator("head_budget_file")
     @classmethod

@@ -33,3 +33,20 @@ def test_holds_fewer_before_the_window_fills():
     res.append(0, q)
     assert res.size == 4
     assert torch.equal(res.queries(0), q)
+
+
+def test_max_reference_queries_sets_the_reservoir_of_a_request():
+    """The setting is the reservoir's capacity in tokens (every query head and layer); unset: the recent window."""
+    import pytest
+
+    from vllm_compact.config import CompactionConfig
+    from vllm_compact.core.state import WorkerCompactionState, WorkerRequest
+
+    for config, capacity in ((CompactionConfig(), 256), (CompactionConfig(max_reference_queries=64), 64),
+                             (CompactionConfig(recent_window_tokens=0), 1)):
+        state = WorkerCompactionState(config=config, num_layers=3)
+        reservoir = state.reservoir(WorkerRequest(captures=True), num_heads=9, head_dim=4, dtype=torch.float32)
+        assert reservoir.capacity == config.reference_queries == capacity
+        assert reservoir.nbytes == 3 * capacity * 9 * 4 * 4
+    with pytest.raises(ValueError, match="at most recent_window_tokens"):
+        CompactionConfig(max_reference_queries=300)

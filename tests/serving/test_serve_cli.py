@@ -20,13 +20,16 @@ BAD: list[tuple[list[str], list[str]]] = [
     (["--kv-compaction", "--kv-compaction-method", "foo"],
      ["--kv-compaction-method='foo'", "not one of the choices", "'am-highest-attention', 'am-omp'"]),
     (["--kv-compaction", "--kv-compaction-trigger", "-3"], ["--kv-compaction-trigger='-3'", "an integer >= 1"]),
-    (["--kv-compaction", "--kv-compaction-query-source", "x"], ["--kv-compaction-query-source='x'", "one of 'after'"]),
-    # Sources that only the offline benchmarks implement: refused by name rather than accepted and ignored.
-    *[(["--kv-compaction", "--kv-compaction-query-source", source],
-       [f"--kv-compaction-query-source='{source}'", "not implemented by the engine", "allowed: one of 'after'"])
-      for source in ("repeat", "context", "context-causal")],
-    (["--kv-compaction", "--kv-compaction-config", '{"query_source": "repeat"}'],
-     ["--kv-compaction-config field 'query_source'='repeat'", "not implemented by the engine"]),
+    # No query_source setting (the engine has one source of reference queries, the recent window's).
+    (["--kv-compaction", "--kv-compaction-config", '{"query_source": "after"}'],
+     ["--kv-compaction-config field 'query_source': unknown compaction setting"]),
+    # Settings that would be accepted and then ignored are refused by name.
+    (["--kv-compaction", "--kv-compaction-max-reference-queries", "512"],
+     ["--kv-compaction-max-reference-queries: max_reference_queries (512) must be at most recent_window_tokens (256)"]),
+    (["--kv-compaction", "--kv-compaction-value-ridge", "0.1"],
+     ["--kv-compaction-value-ridge: value_ridge (0.1) applies only with refit_values"]),
+    (["--kv-compaction", "--kv-compaction-config", '{"value_ridge": 0.1, "refit_values": false}'],
+     ["value_ridge (0.1) applies only with refit_values"]),
     # Head-budget files (@name: a file written by the fixture; the model is the tiny one: 4 layers x 2 KV heads).
     (["--kv-compaction", "--kv-compaction-head-budgets", "@not_json"],
      ["--kv-compaction-head-budgets=", "is not valid JSON", '{"proportions": [[p per KV head] per layer]}']),

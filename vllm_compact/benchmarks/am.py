@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="query sources for am-omp (none given: all of --queries)")
     add("--max-queries", type=int, default=1024,
         help="cap the reference queries per KV head (evenly strided subsample; 0 = keep all). Equal counts make "
-        "the sources comparable; the default keeps the run (~1 min per AM call on 2 CPU cores) feasible")
+        "the sources comparable; a solve's time grows with the count")
     add("--option", action="append", default=[], metavar="KEY=VALUE",
-        help="option passed to compact_heads for am-* methods (repeatable; value parsed as JSON if it can be)")
+        help="option of the am-* methods (their dataclass fields, e.g. refit_values=false; repeatable; the value "
+        "is read as JSON where it parses, else as a string: vllm_compact.benchmarks.specs)")
     add("--prefill-engine", choices=("vllm", "transformers"), default="vllm",
         help="what times the span prefill; vllm falls back to transformers if it cannot run")
     add("--out", type=Path, default=Path("bench/results/am.json"),

@@ -147,7 +147,7 @@ class WorkerCompactionState:
 
     def reservoir(self, record: WorkerRequest, num_heads: int, head_dim: int, dtype: torch.dtype) -> QueryReservoir:
         if record.reservoir is None:
-            capacity = max(1, min(self.config.recent_window_tokens, self.config.max_reference_queries))
+            capacity = self.config.reference_queries
             record.reservoir = QueryReservoir(self.num_layers, capacity, num_heads, head_dim, dtype)
             self._note_outside_pool()
         return record.reservoir
