@@ -42,7 +42,7 @@ class MachinePaths:
         for prefix, replacement in self.replacements:
             if replacement == ".":
                 text = text.replace(prefix + "/", "")  # below the working directory: a relative path
-            # whole path components only: /work/main is not the start of /work/mainline
+            # whole path components only: /srv/repo is not the start of /srv/repository
             text = re.sub(re.escape(prefix) + r"(?![\w.-])", replacement, text)
         return text
 
