@@ -3,7 +3,9 @@
 Usage: python engine_runner.py SCENARIO.json OUT.pt
 The scenario JSON: {"model": path, "compaction": {...} | null, "engine": {...LLM kwargs}, "engine_override": {...LLM
 kwargs applied after compaction's}, "requests": [{"id",
-"prompt_token_ids", "max_tokens", "logprobs", "prompt_logprobs", "abort_after_steps"}], "max_steps": int}
+"prompt_token_ids", "max_tokens", "logprobs", "prompt_logprobs", "abort_after_steps"}], "max_steps": int,
+"capture_plans": bool (PlanCapture: each plan's inputs and the step reports, saved as "plans" and "reports"),
+"pressure_at": {id: [tokens computed]} (force_pressure_at)}
 """
 
 from __future__ import annotations
@@ -44,6 +46,64 @@ def fetch_segments(worker, req_ids):
     return out
 
 
+class PlanCapture:
+    """Wraps the worker's SegmentCompactor.execute (same process: VLLM_ENABLE_V1_MULTIPROCESSING=0) to record, for
+    every plan a step sends, what the compactor will read: its source pages' keys and values per layer and the
+    request's reference queries, taken BEFORE the step runs any plan (so they are the request's own KV whatever the
+    step then does to the pages), and which plans the step's report lists as written."""
+
+    def __init__(self) -> None:
+        self.step = 0  # the runner's step counter, set before each engine step
+        self.plans: list[dict] = []
+        self.reports: list[dict] = []
+
+    def install(self) -> None:
+        from vllm_compact.core.compactor import SegmentCompactor
+
+        execute, capture = SegmentCompactor.execute, self
+
+        def recording_execute(compactor, step, layers_per_step=0):
+            for plan in step.plans:
+                capture.plans.append(capture._inputs(compactor, plan))
+            report = execute(compactor, step, layers_per_step)
+            capture.reports.append({"step": capture.step, "written": list(report.written),
+                                    "failed": list(report.failed), "pending": list(report.pending)})
+            return report
+
+        SegmentCompactor.execute = recording_execute
+
+    def _inputs(self, compactor, plan) -> dict:
+        import torch
+
+        state = compactor.state
+        reservoir = state.reservoir_of(plan.req_id)
+        source = torch.tensor(plan.source_block_ids, dtype=torch.int64)
+        layers = []
+        for layer, cache in enumerate(state.layer_caches):
+            keys, values = compactor.layout.read(cache, source)
+            queries = reservoir.queries(layer).clone() if reservoir is not None and reservoir.size > 0 else None
+            layers.append({"keys": keys.clone(), "values": values.clone(), "queries": queries})
+        return {"step": self.step, "req_id": plan.req_id, "method": plan.method,
+                "sources_released": plan.sources_released, "start_block": plan.start_block,
+                "prev_end_block": plan.prev_end_block, "end_block": plan.end_block,
+                "source_block_ids": list(plan.source_block_ids), "dest_block_ids": list(plan.dest_block_ids),
+                "head_budgets": [list(row) for row in plan.head_budgets], "layers": layers}
+
+
+def force_pressure_at(scheduler, points: dict[str, list[int]]) -> None:
+    """Memory pressure whenever a running request has computed exactly one of its listed token counts (besides
+    real pressure): a roomy engine then compacts a request alone at the points another run compacted it under
+    real pressure."""
+    real = scheduler.planner.under_pressure
+
+    def under_pressure(*args) -> bool:
+        forced = any(r.num_computed_tokens in counts for r in scheduler.running for rid, counts in points.items()
+                     if r.request_id == rid or r.request_id.startswith(rid + "-"))
+        return forced or real(*args)
+
+    scheduler.planner.under_pressure = under_pressure
+
+
 def worker_stats(worker):
     from vllm_compact.core.state import worker_state
 
@@ -70,9 +130,14 @@ def main() -> None:
         settings = {"pool_watermark": 1.0, **scenario["compaction"]}
         engine_kwargs = compaction_kwargs(CompactionConfig(enabled=True, **settings), **engine_kwargs)
     engine_kwargs.update(scenario.get("engine_override", {}))  # e.g. a worker class that is not ours
+    capture = PlanCapture() if scenario.get("capture_plans") else None
+    if capture is not None:
+        capture.install()
     llm = LLM(model=scenario["model"], **engine_kwargs)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
+    if scenario.get("pressure_at"):
+        force_pressure_at(scheduler, scenario["pressure_at"])
     pool = scheduler.kv_cache_manager.block_pool
     free_initial = pool.get_num_free_blocks()
 
@@ -128,6 +193,8 @@ def main() -> None:
                 computed_before[rid] = scheduler.requests[iid].num_computed_tokens
                 compactions_before[rid] = scheduler.compactions(scheduler.requests[iid]) if hasattr(
                     scheduler, "compactions") else 0
+        if capture is not None:
+            capture.step = step + 1
         outputs = engine.step()
         step += 1
         peak_running = max(peak_running, len(scheduler.running))
@@ -209,7 +276,10 @@ def main() -> None:
         "prefix_violations": prefix_violations,
         "first_compaction": first_compaction,
     }
-    torch.save({"requests": final, "stats": stats}, sys.argv[2])
+    saved = {"requests": final, "stats": stats}
+    if capture is not None:
+        saved["plans"], saved["reports"] = capture.plans, capture.reports
+    torch.save(saved, sys.argv[2])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ class _HeadInput:
     budget: int
     scale: float
 
+    @property
+    def nbytes(self) -> int:
+        tensors = (self.keys, self.values, self.bias, self.positions, self.queries)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def read_segment_head(
     segment: CompactSegment, pages: torch.Tensor, layer: int, head: int
@@ -188,25 +193,25 @@ class SegmentCompactor:
             has_queries = reservoir is not None and reservoir.size > 0
             method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
             self.in_flight[plan.req_id] = _PlanInProgress.start(plan, method, self.geo.num_layers)
-        chunks = self._chunks(layers_per_step)
         failed: list[str] = []
-        by_method: dict[str, list[tuple[_PlanInProgress, range]]] = {}
-        for work, layers in chunks:
-            by_method.setdefault(work.method, []).append((work, layers))
+        chunks = self._read_all(self._chunks(layers_per_step), failed)
+        by_method: dict[str, list[_Chunk]] = {}
+        for chunk in chunks:
+            by_method.setdefault(chunk.work.method, []).append(chunk)
         for method, group in by_method.items():
             try:
-                self._execute_chunks(method, group)
+                self._solve_and_write(method, group)
             except Exception:  # noqa: BLE001 - a step with several requests: retry each alone
                 logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
-                failed.extend(work.plan.req_id for work, layers in group if not self._execute_alone(work, layers))
+                failed.extend(chunk.work.plan.req_id for chunk in group if not self._execute_alone(chunk))
         written = []
-        for work, _ in chunks:
-            req_id = work.plan.req_id
-            if req_id in failed:
-                self.in_flight.pop(req_id, None)
-            elif work.done:
-                self._finish(work)
+        for chunk in chunks:
+            req_id = chunk.work.plan.req_id
+            if req_id not in failed and chunk.work.done:
+                self._finish(chunk.work)
                 written.append(req_id)
+        for req_id in failed:
+            self.in_flight.pop(req_id, None)
         self.state.stats.faults_injected = self.faults.injected
         return CompactionReport(written=tuple(written), failed=tuple(failed), pending=tuple(self.in_flight))
 
@@ -230,10 +235,46 @@ class SegmentCompactor:
                 chunks.append((work, range(work.next_layer, work.next_layer + take)))
         return chunks
 
-    def _execute_alone(self, work: _PlanInProgress, layers: range) -> bool:
-        plan = work.plan
+    def _read_all(self, chunks: list[tuple[_PlanInProgress, range]], failed: list[str]) -> list[_Chunk]:
+        """Every chunk's inputs, read before any chunk of the step writes a page. Under memory pressure a plan's
+        source pages (and a re-compacted segment's old pages) went back to the pool at planning, and a later plan
+        of the same step may have them as destination pages; the step solves and writes plans grouped by method,
+        so only reading everything first keeps each plan's inputs its own. A plan whose pages cannot be read is
+        added to `failed`, unless its pages were released: then its last resort reads them again, unfaulted."""
+        read = []
+        for work, layers in chunks:
+            started = time.perf_counter()
+            try:
+                self.faults.check("gather")
+                inputs = self._head_inputs(work.plan, layers)
+            except Exception:  # noqa: BLE001 - contained: see execute()
+                inputs = self._read_after_failure(work, layers)
+            if inputs is None:
+                failed.append(work.plan.req_id)
+                continue
+            work.seconds += time.perf_counter() - started
+            read.append(_Chunk(work, layers, inputs))
+        self.state.stats.note_workspace(sum(x.nbytes for chunk in read for x in chunk.inputs))
+        return read
+
+    def _read_after_failure(self, work: _PlanInProgress, layers: range) -> list[_HeadInput] | None:
+        self.state.stats.failures += 1
+        if not work.plan.sources_released:
+            logger.exception("vllm-compact: reading the pages of %s failed; it stays uncompacted", work.plan.req_id)
+            return None
+        logger.exception("vllm-compact: reading the pages of %s failed; keeping its newest keys", work.plan.req_id)
+        work.method = "recent"
         try:
-            self._execute_chunks(work.method, [(work, layers)])
+            return self._head_inputs(work.plan, layers)
+        except Exception:  # noqa: BLE001 - reported failed: the scheduler recomputes the request's KV
+            logger.exception("vllm-compact: reading the pages of %s failed again", work.plan.req_id)
+            return None
+
+    def _execute_alone(self, chunk: _Chunk) -> bool:
+        """One chunk after its batch failed, from the inputs read at the start of the step."""
+        plan = chunk.work.plan
+        try:
+            self._solve_and_write(chunk.work.method, [chunk])
             return True
         except Exception:  # noqa: BLE001 - contained: see execute()
             self.state.stats.failures += 1
@@ -242,33 +283,29 @@ class SegmentCompactor:
                 return False
             logger.exception("vllm-compact: compaction of %s failed; keeping its newest keys", plan.req_id)
         try:
-            work.method = "recent"
-            self._execute_chunks("recent", [(work, layers)], faults=False)
+            chunk.work.method = "recent"
+            self._solve_and_write("recent", [chunk], faults=False)
             return True
         except Exception:  # noqa: BLE001 - reported failed: the scheduler recomputes the request's KV
             logger.exception("vllm-compact: copying the newest keys of %s failed too", plan.req_id)
             return False
 
-    def _execute_chunks(self, method: str, chunks: list[tuple[_PlanInProgress, range]], faults: bool = True) -> None:
-        """Every (request, layer, KV head) of these chunks in one call of the AM core."""
+    def _solve_and_write(self, method: str, chunks: list[_Chunk], faults: bool = True) -> None:
+        """Every (request, layer, KV head) of these chunks in one call of the AM core, from the inputs read at the
+        start of the step (`_read_all`), then written to the chunks' destination pages."""
         started = time.perf_counter()
-        inputs: list[_HeadInput] = []
-        for work, layers in chunks:
-            if faults:
-                self.faults.check("gather")
-            inputs.extend(self._head_inputs(work.plan, layers))
-        batch, positions = self._batch(inputs)
+        batch, positions = self._batch([x for chunk in chunks for x in chunk.inputs])
         self.state.stats.note_workspace(_batch_bytes(batch))
         result = self._solve(batch, method) if faults else compact_heads(batch, method)
         first_head = 0
-        for work, layers in chunks:
-            self._write(work, layers, result, positions, first_head, faults)
-            first_head += len(layers) * self.geo.num_kv_heads
+        for chunk in chunks:
+            self._write(chunk.work, chunk.layers, result, positions, first_head, faults)
+            first_head += len(chunk.layers) * self.geo.num_kv_heads
         elapsed = time.perf_counter() - started
-        total_layers = sum(len(layers) for _, layers in chunks)
-        for work, layers in chunks:
-            work.next_layer = layers.stop
-            work.seconds += elapsed * len(layers) / total_layers
+        total_layers = sum(len(chunk.layers) for chunk in chunks)
+        for chunk in chunks:
+            chunk.work.next_layer = chunk.layers.stop
+            chunk.work.seconds += elapsed * len(chunk.layers) / total_layers
         self.state.stats.heads_fell_back += int(result.fell_back.sum())
 
     def _finish(self, work: _PlanInProgress) -> None:
@@ -280,6 +317,15 @@ class SegmentCompactor:
         self.in_flight.pop(plan.req_id, None)
         self.state.stats.compactions += 1
         self.state.stats.seconds.append(work.seconds)
+
+
+@dataclass
+class _Chunk:
+    """Layers `layers` of a plan in flight, with what this step read of its pages for them."""
+
+    work: _PlanInProgress
+    layers: range
+    inputs: list[_HeadInput]
 
 
 @dataclass

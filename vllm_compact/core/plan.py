@@ -14,9 +14,11 @@ class RequestCompactionPlan:
     `source_block_ids` hold the uncompacted blocks [prev_end_block, end_block). The scheduler holds the source and
     previous compact pages until the worker's report lists the plan as written; any other plan leaves the request
     exactly as it was (source pages in its block table, old segment in place). With `sources_released` (memory
-    pressure) they are already back in the pool: the worker reads them before the step writes any KV (synchronous
-    scheduling), and its last resort is a copy of the span's newest keys; such a plan cannot be undone, so if it is
-    not reported written the scheduler preempts the request, which recomputes its KV from its tokens.
+    pressure) they are already back in the pool and may be the destination pages of a later plan of the same step:
+    the worker reads every plan's pages before it writes any (SegmentCompactor._read_all) and before the step writes
+    any KV (synchronous scheduling), and its last resort is a copy of the span's newest keys; such a plan cannot be
+    undone, so if it is not reported written the scheduler preempts the request, which recomputes its KV from its
+    tokens.
     """
 
     req_id: str
