@@ -70,30 +70,3 @@ def test_compacted_attention_matches_float64(nq, tail):
             probs = torch.softmax(query[i, h].double() @ keys.T * scale + bias, 0)
             torch.testing.assert_close(out[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(ref[i, h].double(), probs @ values, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("shift", [-8.0, -2.0, 0.0, 2.0, 8.0])  # the segment's log-sum-exp against the tail's
-@pytest.mark.parametrize("kernel_dtype", [torch.float32, torch.bfloat16])
-def test_merge_with_sink_matches_the_exact_merge(shift, kernel_dtype):
-    """The tail's two kernel outputs (no sink; the segment's log-sum-exp as sink), rounded to the kernel's output
-    dtype as vLLM's kernel returns them, merged with the segment's side: float64 exact merge to 1e-5 (fp32) and to
-    bf16's own rounding of the merged output (bf16)."""
-    from vllm_compact.kernels.merge import merge_with_sink, merge_with_sink_ref
-
-    g = torch.Generator().manual_seed(int(shift * 10) + 100)
-    n, heads, dim, t = 1, 9, 64, 300
-    logits = torch.randn(n, heads, t, generator=g, dtype=torch.float64) * 2
-    values = torch.randn(t, dim, generator=g, dtype=torch.float64)
-    tail_lse = torch.logsumexp(logits, -1)
-    numerator = torch.einsum("nht,td->nhd", torch.exp(logits), values)
-    tail_out = numerator / torch.exp(tail_lse)[..., None]
-    seg_lse = tail_lse + shift + torch.randn(n, heads, generator=g, dtype=torch.float64)
-    seg_out = torch.randn(n, heads, dim, generator=g, dtype=torch.float64)
-    sunk = numerator / (torch.exp(tail_lse) + torch.exp(seg_lse))[..., None]  # the kernel with a sink logit
-    got = merge_with_sink(sunk.to(kernel_dtype), tail_out.to(kernel_dtype), seg_out.float())
-    want = merge_with_sink_ref(tail_out.float(), tail_lse.float(), seg_out.float(), seg_lse.float()).double()
-    total = torch.logaddexp(tail_lse, seg_lse)[..., None]
-    exact = torch.exp(tail_lse[..., None] - total) * tail_out + torch.exp(seg_lse[..., None] - total) * seg_out
-    assert torch.allclose(want, exact, atol=1e-5)
-    tol = 1e-5 if kernel_dtype == torch.float32 else 8e-3  # bf16 spacing of values of order 1
-    assert torch.allclose(got.double(), exact, atol=tol), float((got.double() - exact).abs().max())

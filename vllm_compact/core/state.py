@@ -3,7 +3,7 @@
 One instance per worker process (`worker_state()`), shared by the model runner (which executes plans) and the
 attention backend (which captures queries and reads segments). A compacted request's KV lives only in its pool
 pages: attention reads them in place each step, so what a request holds outside the pool is its reservoir (only
-while it can still compact) and its segment's per-entry metadata (beta, positions).
+while it can still compact) and its segment's per-entry metadata (beta, positions, where each entry sits).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from vllm_compact.config import CompactionConfig
 from vllm_compact.core.planner import may_compact_again
 from vllm_compact.core.request_overrides import request_config
 from vllm_compact.core.stats import WorkerCompactionStats
+
+from vllm_compact.core.request_kv import SegmentDecodeIndex, segment_decode_index
 
 
 @dataclass
@@ -94,6 +96,7 @@ class WorkerRequest:
     captures: bool  # its queries are captured: it may still compact and its method reads reference queries
     segment: CompactSegment | None = None
     reservoir: QueryReservoir | None = None
+    decode_index: SegmentDecodeIndex | None = None  # where its segment's entries sit (made at its first decode)
 
     @property
     def nbytes(self) -> int:
@@ -101,6 +104,8 @@ class WorkerRequest:
         held = self.reservoir.nbytes if self.reservoir is not None else 0
         if self.segment is not None:
             held += self.segment.nbytes
+        if self.decode_index is not None:
+            held += self.decode_index.nbytes
         return held
 
 
@@ -155,10 +160,18 @@ class WorkerCompactionState:
     def install_segment(self, req_id: str, segment: CompactSegment) -> None:
         """The request's new compact segment; its reservoir goes if it cannot compact again."""
         record = self.record(req_id)
-        record.segment = segment
+        record.segment, record.decode_index = segment, None
         if record.captures and not self.may_compact(req_id, segment.end_block * self.block_size):
             record.captures, record.reservoir = False, None
         self._note_outside_pool()
+
+    def decode_index(self, record: WorkerRequest) -> SegmentDecodeIndex:
+        """Where the record's segment entries sit in the pool: made once per segment, counted outside the pool."""
+        if record.decode_index is None:
+            cache = self.layer_caches[0]  # [nb, Hkv, bs, 2D]: a page holds Hkv * bs entries
+            record.decode_index = segment_decode_index(record.segment, cache.shape[1] * cache.shape[2])
+            self._note_outside_pool()
+        return record.decode_index
 
     def _note_outside_pool(self) -> None:
         """Outside-pool memory only grows where a reservoir or a segment is made: the peak is taken there."""

@@ -3,10 +3,11 @@
 Requests without a compact segment go through vLLM's own CPU kernel untouched (when no request in the batch is
 compacted, the stock metadata and forward are used as they are). A compacted request's attention is the merge of
 (a) causal attention over its uncompacted tail (protected head pages + pages after the segment) and (b) bias-aware
-attention over its compact segment, both read in place from the pool pages:
-- a decode token takes (a) from vLLM's own kernel, twice: without a sink and with the segment's log-sum-exp as the
-  sink logit, whose ratio is the tail's share of the merged softmax (kernels/merge.py: merge_with_sink);
-- a prefill chunk reads its pages into buffers that live for one layer (core/request_kv.py) and merges exactly.
+attention over its compact segment, both read in place from the pool pages into buffers that live for one layer
+(core/request_kv.py):
+- the decode tokens of all compacted requests go through one fused softmax per layer (CompactedDecodeBatch), the
+  entries' beta and the padding in its additive mask;
+- a prefill chunk is merged exactly per request (kernels/request_attention.py).
 Queries are captured into a request's reservoir only while it may still compact (core/planner.py:
 may_compact_again): they are the reference queries of its next compaction.
 """
@@ -27,12 +28,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_compact.core.compact_pages import gather_layer, page_view
-from vllm_compact.core.request_kv import read_request_kv
+from vllm_compact.core.request_kv import CompactedDecodeBatch, read_request_kv
 from vllm_compact.core.state import CompactSegment, WorkerRequest, worker_state
 from vllm_compact.integration.block_probe import stock_block_layout
-from vllm_compact.kernels.compact_attention import attend_entries
-from vllm_compact.kernels.merge import merge_with_sink
 from vllm_compact.kernels.request_attention import compacted_attention
 
 
@@ -44,14 +42,15 @@ class CompactedRequestView:
     tail_block_ids: torch.Tensor  # [n] int64: protected head pages, then the pages after the segment
     tail_len: int                 # physical tokens in those pages, this step's tokens included
     segment: CompactSegment
-    tail_metadata: CPUAttentionMetadata | None = None  # decode: the stock kernel's metadata for the tail alone
 
 
 @dataclass
 class CompactionAttentionInfo:
     query_start_loc: list[int]           # per batch row, plus the end
-    compacted: list[CompactedRequestView]
+    compacted: list[CompactedRequestView]  # compacted requests with a prefill chunk this step
     captures: list[tuple[int, WorkerRequest]]  # (batch row, record) of the requests whose queries are kept
+    decode: CompactedDecodeBatch | None = None  # compacted requests with one decode token this step
+    decode_token_index: torch.Tensor | None = None  # their tokens in the batch
     plain_token_index: torch.Tensor | None = None   # tokens of plain requests (when some are compacted)
     plain_metadata: CPUAttentionMetadata | None = None
 
@@ -76,7 +75,7 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         info = CompactionAttentionInfo(query_start_loc=qsl, compacted=[], captures=[])
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].tolist()
         block_table = common_attn_metadata.block_table_tensor
-        plain_rows = []
+        plain_rows, decode_rows, decode_views = [], [], []
         for row, req_id in enumerate(req_ids):
             record = state.requests.get(req_id) or state.record(req_id)
             if record.captures:
@@ -99,11 +98,19 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 segment=segment,
             )
             if view.query_len == 1:
-                view.tail_metadata = self._stock_metadata(meta, [1], [view.tail_len], tail_ids[None].int())
-            info.compacted.append(view)
-        if info.compacted and plain_rows:
+                decode_rows.append(row)
+                decode_views.append((view, record))
+            else:
+                info.compacted.append(view)
+        if decode_views:
+            info.decode = CompactedDecodeBatch(
+                [state.decode_index(record) for _, record in decode_views],
+                [view.tail_block_ids for view, _ in decode_views], [view.tail_len for view, _ in decode_views],
+                self.block_size)
+            info.decode_token_index = torch.tensor([qsl[row] for row in decode_rows])
+        if (info.compacted or decode_views) and plain_rows:
             info.plain_token_index, info.plain_metadata = self._plain_subset(meta, plain_rows, qsl, seq_lens)
-        if info.compacted or info.captures:
+        if info.compacted or decode_views or info.captures:
             meta.compaction = info
         return meta
 
@@ -160,7 +167,7 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
         if self._layer_index is None:
             self._layer_index = extract_layer_index(layer.layer_name)
         self._capture_queries(info, query)
-        if not info.compacted:
+        if not info.compacted and info.decode is None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
@@ -170,34 +177,19 @@ class CompactionCPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query[index], None, None, kv_cache, info.plain_metadata, plain_out)
             out[index] = plain_out
         layout = stock_block_layout(kv_cache.shape[1], kv_cache.shape[2], self.head_size, kv_cache.dtype, layer.isa)
+        if info.decode is not None:
+            index = info.decode_token_index
+            decoded, workspace = info.decode.attend(self._layer_index, query[index].view(-1, self.num_heads,
+                                                    self.head_size), kv_cache, layout, self.scale)
+            out[index] = decoded.to(output.dtype)
+            worker_state().stats.note_workspace(workspace)
         for view in info.compacted:
             rows = slice(view.query_start, view.query_start + view.query_len)
-            if view.tail_metadata is not None:
-                out[rows] = self._decode(layer, query[rows], kv_cache, view).to(output.dtype)
-                continue
             kv = read_request_kv(view.segment, self._layer_index, kv_cache, layout, view.tail_block_ids, view.tail_len)
             worker_state().stats.note_workspace(kv.nbytes)
             out[rows] = compacted_attention(query[rows], kv.keys, kv.values, kv.bias, kv.num_entries,
                                             self.scale).to(output.dtype)
         return output
-
-    def _decode(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, view: CompactedRequestView) -> torch.Tensor:
-        """One token of a compacted request: the entries in fp32, the tail by vLLM's kernel (merge_with_sink)."""
-        segment, layer_index = view.segment, self._layer_index
-        entries = gather_layer(page_view(kv_cache), segment.beta[layer_index], segment.page_ids,
-                               segment.head_start[layer_index], segment.head_len[layer_index])
-        q = query.float().view(1, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_size)
-        entries_out, entries_lse = attend_entries(q, entries, self.scale)
-        plain = torch.empty_like(query)
-        super().forward(layer, query, None, None, kv_cache, view.tail_metadata, plain)
-        sink = entries_lse.reshape(self.num_heads).clamp(min=-1e30)  # a head with no entries: no sink
-        sunk = torch.empty_like(query)
-        sinks, self.sinks = self.sinks, sink
-        try:
-            super().forward(layer, query, None, None, kv_cache, view.tail_metadata, sunk)
-        finally:
-            self.sinks = sinks
-        return merge_with_sink(sunk, plain, entries_out.view(1, self.num_heads, self.head_size))
 
     def _capture_queries(self, info: CompactionAttentionInfo, query: torch.Tensor) -> None:
         state = worker_state()
