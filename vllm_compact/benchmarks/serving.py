@@ -15,6 +15,9 @@ Workloads (each size can be overridden for all selected workloads by the flags b
   memory-bound   random prompts: 32 x 4000 input tokens, 128 output, all 32 at once; the KV pool holds only
                  --pool-requests (8) uncompacted requests of input+output tokens, sized from the model's config.json
   short          random prompts: 32 x 512 input tokens, 128 output, concurrency 8 (never compacts)
+  long-generation  memory-bound with long answers: 24 x 3000 input tokens, 768 output, all 24 at once; the KV
+                 pool holds --pool-requests uncompacted requests of input+output tokens (decode dominates: the
+                 case where holding more requests at once pays)
 The other workloads get --kv-cache-gib of KV pool. Every server also gets --max-model-len.
 
 Output: --out (JSON: command, machine, rows; one row per (server, workload), rows not re-run are kept from the
@@ -81,6 +84,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("memory-bound", "random", num_prompts=32, input_len=4000, output_len=128, concurrency=32,
              memory_bound=True),
     Workload("short", "random", num_prompts=32, input_len=512, output_len=128, concurrency=8),
+    Workload("long-generation", "random", num_prompts=24, input_len=3000, output_len=768, concurrency=24,
+             memory_bound=True),
 )}
 
 
@@ -133,10 +138,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the raw `vllm bench serve` results and server logs go (default: beside --out, "
                         "<out stem>_runs/)")
     p.add_argument("--kv-cache-gib", type=_positive_float, default=4.0,
-                   help="KV pool of every workload but memory-bound, in GiB, the same for both servers "
+                   help="KV pool of every workload but memory-bound and long-generation, in GiB, the same for both servers "
                         "(default: %(default)s)")
     p.add_argument("--pool-requests", type=_positive_float, default=8.0,
-                   help="memory-bound: the KV pool holds this many uncompacted requests of input+output tokens "
+                   help="memory-bound and long-generation: the KV pool holds this many uncompacted requests of input+output tokens "
                         "(default: %(default)s)")
     p.add_argument("--max-model-len", type=_positive_int, default=8192,
                    help="--max-model-len given to every server (default: %(default)s)")
