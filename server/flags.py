@@ -39,6 +39,7 @@ COMPACTION_FLAGS: dict[str, str] = {
     "--kv-compaction-distinct-share": "distinct_share",
     "--kv-compaction-layers-per-step": "layers_per_step",
     "--kv-compaction-pool-watermark": "pool_watermark",
+    "--kv-compaction-workspace-mib": "workspace_mib",
 }
 # Boolean fields get --flag / --no-flag.
 COMPACTION_SWITCHES: dict[str, str] = {

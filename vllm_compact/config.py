@@ -82,6 +82,13 @@ class CompactionConfig(BaseModel):
         "every co-scheduled request for the whole solve. 0: a compaction runs whole in one step. Under memory "
         "pressure a compaction always runs whole (the step needs its pages).",
     )
+    workspace_mib: int = Field(
+        128,
+        ge=16,
+        description="Memory a compaction step may use outside the KV pool (the pages it reads, the solve's buffers), "
+        "in MiB. Taken from the KV cache budget at startup (the pool is this much smaller than the budget, so the "
+        "server's memory stays within what it was given); a step's solve is split to stay within it.",
+    )
     memory_pressure: bool = Field(True, description="Compact instead of preempting when the KV pool runs out of pages.")
     recompact: bool = Field(True, description="Re-compact an already compacted segment (with its beta) as a request grows.")
     compact_during_prefill: bool = Field(

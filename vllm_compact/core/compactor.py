@@ -1,4 +1,5 @@
-"""Executes a step's compaction plans on the worker: one batched AM call for every (request, layer, KV head)."""
+"""Executes a step's compaction plans on the worker: batched AM calls over (request, layer, KV head), in plan order,
+each within the step's workspace (core/workspace.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from vllm_compact.core.faults import FaultInjector
 from vllm_compact.core.plan import CompactionReport, CompactionStep, RequestCompactionPlan
 from vllm_compact.core.state import CompactSegment, WorkerCompactionState
 from vllm_compact.core.stock_pages import StockBlockLayout
+from vllm_compact.core.workspace import SOLVE_FIXED_BYTES, MiB, head_solve_bytes
 
 logger = logging.getLogger("vllm_compact.compactor")
 
@@ -194,20 +196,23 @@ class SegmentCompactor:
             method = plan.method if has_queries or not method_class(plan.method).needs_queries else "recent"
             self.in_flight[plan.req_id] = _PlanInProgress.start(plan, method, self.geo.num_layers)
         failed: list[str] = []
-        chunks = self._read_all(self._chunks(layers_per_step), failed)
-        by_method: dict[str, list[_Chunk]] = {}
-        for chunk in chunks:
-            by_method.setdefault(chunk.work.method, []).append(chunk)
-        for method, group in by_method.items():
+        chunks: list[_Chunk] = []
+        for group in self._solve_groups(self._chunks(layers_per_step)):
+            group = [(work, layers) for work, layers in group if work.plan.req_id not in failed]
+            read = self._read_all(group, failed)
+            if not read:
+                continue
+            chunks.extend(read)
+            method = read[0].work.method
             try:
-                self._solve_and_write(method, group)
-            except Exception:  # noqa: BLE001 - a step with several requests: retry each alone
+                self._solve_and_write(method, read)
+            except Exception:  # noqa: BLE001 - a group with several requests: retry each alone
                 logger.exception("vllm-compact: batched compaction with %s failed; retrying per request", method)
-                failed.extend(chunk.work.plan.req_id for chunk in group if not self._execute_alone(chunk))
+                failed.extend(chunk.work.plan.req_id for chunk in read if not self._execute_alone(chunk))
         written = []
-        for chunk in chunks:
+        for chunk in chunks:  # a plan may have a chunk in several groups: finished once
             req_id = chunk.work.plan.req_id
-            if req_id not in failed and chunk.work.done:
+            if req_id not in failed and req_id not in written and chunk.work.done:
                 self._finish(chunk.work)
                 written.append(req_id)
         for req_id in failed:
@@ -235,12 +240,51 @@ class SegmentCompactor:
                 chunks.append((work, range(work.next_layer, work.next_layer + take)))
         return chunks
 
+    def _solve_groups(self, chunks: list[tuple[_PlanInProgress, range]]) -> list[list[tuple[_PlanInProgress, range]]]:
+        """The step's (plan, layers) in plan order, cut into solves of one method whose estimated memory stays within
+        `workspace_mib` (a layer is the smallest piece: one layer alone may exceed it).
+
+        Order is what keeps every plan's inputs its own. Under memory pressure a plan's source pages (and a
+        re-compacted segment's old pages) go back to the pool at planning, so a plan planned later may have them as
+        destination pages; but a plan's destination was allocated before any later plan's sources were freed, so
+        it is never a later plan's source. Solving in plan order, each group read whole before it writes, every
+        page is read before anything can overwrite it.
+        """
+        limit = self.state.config.workspace_mib * MiB
+        groups: list[list[tuple[_PlanInProgress, range]]] = []
+        used = limit + 1  # the first piece opens a group
+        for work, layers in chunks:
+            for layer in layers:
+                nbytes = sum(self._head_bytes(work, layer))
+                group = groups[-1] if groups else None
+                if group is None or group[0][0].method != work.method or used + nbytes > limit:
+                    groups.append([(work, range(layer, layer + 1))])
+                    used = SOLVE_FIXED_BYTES + nbytes
+                    continue
+                last, last_layers = group[-1]
+                if last is work and last_layers.stop == layer:
+                    group[-1] = (work, range(last_layers.start, layer + 1))
+                else:
+                    group.append((work, range(layer, layer + 1)))
+                used += nbytes
+        return groups
+
+    def _head_bytes(self, work: _PlanInProgress, layer: int) -> list[int]:
+        """workspace.head_solve_bytes of each KV head of one layer of a plan, from the plan alone (nothing read)."""
+        geo, plan = self.geo, work.plan
+        old = self.state.segment(plan.req_id) if plan.prev_end_block > plan.start_block else None
+        reservoir = self.state.reservoir_of(plan.req_id)
+        queries = (reservoir.size if reservoir is not None else 0) * (geo.num_q_heads // geo.num_kv_heads)
+        new_keys = (plan.end_block - plan.prev_end_block) * geo.block_size
+        dtype_bytes = self.state.layer_caches[layer].element_size()
+        return [head_solve_bytes(new_keys + (int(old.head_len[layer, head]) if old is not None else 0), queries,
+                                 plan.head_budgets[layer][head], geo.head_dim, dtype_bytes)
+                for head in range(geo.num_kv_heads)]
+
     def _read_all(self, chunks: list[tuple[_PlanInProgress, range]], failed: list[str]) -> list[_Chunk]:
-        """Every chunk's inputs, read before any chunk of the step writes a page. Under memory pressure a plan's
-        source pages (and a re-compacted segment's old pages) went back to the pool at planning, and a later plan
-        of the same step may have them as destination pages; the step solves and writes plans grouped by method,
-        so only reading everything first keeps each plan's inputs its own. A plan whose pages cannot be read is
-        added to `failed`, unless its pages were released: then its last resort reads them again, unfaulted."""
+        """Every chunk's inputs of one solve group, read before the group writes a page (see _solve_groups). A plan
+        whose pages cannot be read is added to `failed`, unless its pages were released: then its last resort reads
+        them again, unfaulted."""
         read = []
         for work, layers in chunks:
             started = time.perf_counter()

@@ -29,6 +29,7 @@ from vllm_compact.core.state import WorkerCompactionState, init_worker_state, wo
 from vllm_compact.core.stats_file import WorkerStats, WorkerStatsFileWriter, worker_stats
 
 
+MiB = 1 << 20
 logger = logging.getLogger("vllm_compact.worker")
 
 # Rotations by one angle per (position, pair): their cos/sin table undoes them. Scaled variants multiply cos and sin
@@ -127,6 +128,23 @@ class CompactionCPUModelRunner(CPUModelRunner):
 
 
 class CompactionCPUWorker(CPUWorker):
+    def determine_available_memory(self) -> int:
+        """vLLM's KV cache budget less the compaction workspace (`workspace_mib`): pool + workspace = budget."""
+        budget = super().determine_available_memory()
+        state = worker_state()
+        if state is None:
+            return budget
+        reserved = state.config.workspace_mib * MiB
+        if reserved >= budget:
+            raise ValueError(
+                f"--kv-compaction-workspace-mib ({state.config.workspace_mib}) leaves no KV pool in a KV cache budget "
+                f"of {budget // MiB} MiB: lower it or raise --kv-cache-memory-bytes / VLLM_CPU_KVCACHE_SPACE"
+            )
+        logger.info("vllm-compact: %d MiB of the %d MiB KV cache budget kept for compaction work "
+                    "(--kv-compaction-workspace-mib); KV pool %d MiB", reserved // MiB, budget // MiB,
+                    (budget - reserved) // MiB)
+        return budget - reserved
+
     def init_device(self):
         super().init_device()
         config = config_from_env() or CompactionConfig(enabled=False)
