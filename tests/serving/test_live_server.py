@@ -173,3 +173,14 @@ def test_client_abort_mid_stream_while_compacted_loses_no_pages(server, client):
     assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
     r = client.completions.create(model=MODEL, prompt=long_prompt(8), max_tokens=4, extra_body=NO_EOS)
     assert kv(r.usage)["compactions"] >= 1
+
+
+def test_the_kv_pool_is_the_budget_less_the_compaction_workspace(server, client):
+    """VLLM_CPU_KVCACHE_SPACE=1 (GiB) for the whole server: the pool gets that less workspace_mib (compaction's work
+    outside the pool), to the page (tiny: 4 layers x K,V x 2 KV heads x 32 slots x 32 dims, fp32)."""
+    client.completions.create(model=MODEL, prompt="hello", max_tokens=2, extra_body=NO_EOS)  # the first stats
+    s = stats(server)
+    page_bytes = 4 * 2 * 2 * 32 * 32 * 4
+    expected_pages = (1024 - s["config"]["workspace_mib"]) * (1 << 20) // page_bytes
+    assert s["config"]["workspace_mib"] == 128
+    assert s["pool"]["total_pages"] == expected_pages, s["pool"]
