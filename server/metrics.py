@@ -24,7 +24,10 @@ PREFIX = "vllm_compact"
 COUNTERS: tuple[tuple[str, str, str, str], ...] = (
     ("compactions", "worker", "compactions", "Compactions executed (one per request and plan)."),
     ("failures", "worker", "failures", "Compactions that failed (the request kept its full KV)."),
-    ("heads_fell_back", "worker", "heads_fell_back", "KV heads whose fit fell back to a simpler solution."),
+    ("heads_fitted", "worker", "heads_fitted", "KV heads (per layer, per compaction) whose entries the AM fit made."),
+    ("heads_fell_back", "worker", "heads_fell_back",
+     "KV heads whose AM fit the guard replaced by plain eviction (it did worse on held-out queries, or broke)."),
+    ("heads_evicted", "worker", "heads_evicted", "KV heads compacted by an eviction method (snapkv, recent, ...)."),
     ("tokens_compacted", "scheduler", "tokens_compacted", "Tokens replaced by compact segments."),
     ("pages_freed", "scheduler", "pages_freed", "KV pages returned to the pool by compaction."),
     ("plans", "scheduler", "plans", "Compaction plans made by the scheduler."),

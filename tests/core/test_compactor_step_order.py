@@ -94,3 +94,15 @@ def test_plans_sharing_pages_in_one_step_each_get_their_own_segment():
             layer, head = divmod(row, KV_HEADS)
             for a, b in zip(want, have):
                 assert torch.equal(a, b), f"{plan.req_id}: layer {layer} head {head}"
+
+
+def test_every_solved_head_is_counted_once_by_what_compacted_it():
+    """AM heads are fitted or fell back (its guard); heads of eviction plans (snapkv, recent, the recent fallback of
+    a request without queries) are evicted."""
+    compactor = _compactor(WITH_QUERIES)
+    compactor.execute(CompactionStep(plans=[HELD]), layers_per_step=0)
+    stats = compactor.state.stats
+    assert stats.heads_fitted + stats.heads_fell_back == LAYERS * KV_HEADS and stats.heads_evicted == 0
+    compactor.execute(CompactionStep(plans=PRESSURE_STEP), layers_per_step=0)
+    assert stats.heads_fitted + stats.heads_fell_back == LAYERS * KV_HEADS
+    assert stats.heads_evicted == len(PRESSURE_STEP) * LAYERS * KV_HEADS

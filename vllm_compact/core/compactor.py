@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_compact.am import HeadBatch, compact_heads, method_class
+from vllm_compact.am import CompactedHeads, HeadBatch, compact_heads, method_class
 from vllm_compact.am.rotary import Rotary
 from vllm_compact.core.compact_pages import page_view, read_head, write_layer
 from vllm_compact.core.faults import FaultInjector
@@ -135,8 +135,9 @@ class SegmentCompactor:
 
     # ---- solve ------------------------------------------------------------------------------------------------
 
-    def _solve(self, batch: HeadBatch, method: str):
-        """The method's result, else the first fallback that succeeds with finite numbers (counted as failures)."""
+    def _solve(self, batch: HeadBatch, method: str) -> tuple[CompactedHeads, str]:
+        """The method's result and name, else the first fallback that succeeds with finite numbers (counted as
+        failures)."""
         methods = (method,) + tuple(m for m in FALLBACK_METHODS if m != method)
         for i, name in enumerate(methods):
             cls = method_class(name)
@@ -152,7 +153,7 @@ class SegmentCompactor:
                 continue
             if i > 0:
                 self.state.stats.failures += 1
-            return result
+            return result, name
         raise RuntimeError("every compaction method failed")
 
     # ---- write ------------------------------------------------------------------------------------------------
@@ -340,7 +341,7 @@ class SegmentCompactor:
         started = time.perf_counter()
         batch, positions = self._batch([x for chunk in chunks for x in chunk.inputs])
         self.state.stats.note_workspace(_batch_bytes(batch))
-        result = self._solve(batch, method) if faults else compact_heads(batch, method)
+        result, solved_by = self._solve(batch, method) if faults else (compact_heads(batch, method), method)
         first_head = 0
         for chunk in chunks:
             self._write(chunk.work, chunk.layers, result, positions, first_head, faults)
@@ -350,7 +351,7 @@ class SegmentCompactor:
         for chunk in chunks:
             chunk.work.next_layer = chunk.layers.stop
             chunk.work.seconds += elapsed * len(chunk.layers) / total_layers
-        self.state.stats.heads_fell_back += int(result.fell_back.sum())
+        self.state.stats.count_heads(result.fell_back, fitted=method_class(solved_by).fits)
 
     def _finish(self, work: _PlanInProgress) -> None:
         """Every layer is written: the segment replaces the request's view of its span."""

@@ -187,7 +187,8 @@ class WorkerCompactionState:
 
     @property
     def segment_bytes(self) -> int:
-        return sum(r.segment.nbytes for r in self.requests.values() if r.segment is not None)
+        """Compact segments' metadata outside the pool, their decode index included."""
+        return sum(r.nbytes - (r.reservoir.nbytes if r.reservoir is not None else 0) for r in self.requests.values())
 
     @property
     def outside_pool_bytes(self) -> int:

@@ -26,11 +26,24 @@ class SchedulerCompactionStats:
 class WorkerCompactionStats:
     compactions: int = 0
     failures: int = 0
+    # Per (layer, KV head) of every compaction: entries fitted by AM (keys, beta, and values with refit_values), AM
+    # fits its guard replaced by plain eviction of the same keys (or SnapKV's), heads compacted by an eviction method.
+    heads_fitted: int = 0
     heads_fell_back: int = 0
+    heads_evicted: int = 0
     seconds: list[float] = field(default_factory=list)
     faults_injected: int = 0  # test-only fault switch (core/faults.py)
     workspace_bytes_peak: int = 0  # the largest transient buffer of one step (a solve's batch, a prefill read)
     outside_pool_bytes_peak: int = 0
+
+    def count_heads(self, fell_back, fitted: bool) -> None:
+        """One solve's heads: `fell_back` [H] bool from the method, `fitted` whether the method fits (AM)."""
+        fell = int(fell_back.sum())
+        if fitted:
+            self.heads_fitted += len(fell_back) - fell
+            self.heads_fell_back += fell
+        else:
+            self.heads_evicted += len(fell_back)
 
     def note_workspace(self, nbytes: int) -> None:
         self.workspace_bytes_peak = max(self.workspace_bytes_peak, nbytes)

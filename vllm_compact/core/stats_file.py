@@ -44,7 +44,9 @@ class SecondsHistogram(TypedDict):
 class WorkerStats(TypedDict):
     compactions: int
     failures: int
+    heads_fitted: int
     heads_fell_back: int
+    heads_evicted: int
     seconds_total: float
     seconds_hist: SecondsHistogram
     # Memory compaction holds outside the KV pool (its pages are counted by the pool): reference-query reservoirs of
@@ -107,12 +109,13 @@ def worker_stats_path(stats_path: str | os.PathLike) -> Path:
 
 
 def worker_stats(compactions: int, failures: int, heads_fell_back: int, seconds: Iterable[float],
-                 reservoir_bytes: int = 0, segment_bytes: int = 0, outside_pool_bytes_peak: int = 0,
+                 heads_fitted: int = 0, heads_evicted: int = 0, reservoir_bytes: int = 0, segment_bytes: int = 0, outside_pool_bytes_peak: int = 0,
                  workspace_bytes_peak: int = 0, compacted_requests: int = 0, compacted_pool_bytes: int = 0,
                  outside_pool_ratio_max: float = 0.0, faults_injected: int = 0) -> WorkerStats:
     seconds = list(seconds)
     outside = reservoir_bytes + segment_bytes
-    return WorkerStats(compactions=compactions, failures=failures, heads_fell_back=heads_fell_back,
+    return WorkerStats(compactions=compactions, failures=failures, heads_fitted=heads_fitted,
+                       heads_fell_back=heads_fell_back, heads_evicted=heads_evicted,
                        seconds_total=float(sum(seconds)), seconds_hist=seconds_histogram(seconds),
                        reservoir_bytes=reservoir_bytes, segment_bytes=segment_bytes, outside_pool_bytes=outside,
                        outside_pool_bytes_peak=max(outside_pool_bytes_peak, outside),
