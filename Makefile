@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.vllm-compact-installed
 FAST_TESTS := tests/core tests/am tests/kernels tests/test_boundary.py tests/test_calibration.py \
 	tests/serving/test_request_overrides.py tests/serving/test_serve_cli.py tests/serving/test_serve_refusals.py \
 	tests/serving/test_cuda_refusal.py tests/serving/test_memory_default.py tests/serving/test_stats_file.py \
-	tests/test_readme_settings.py
+	tests/test_readme_settings.py tests/test_bench_cli.py tests/test_bench_results.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
