@@ -84,3 +84,19 @@ def test_decode_index_points_at_each_entry_and_masks_padding() -> None:
                     assert float(index.bias[layer, head, e]) == float(segment.beta[layer][flat])
                 else:
                     assert float(index.bias[layer, head, e]) == float("-inf")
+
+
+def test_a_packing_that_is_no_strided_view_is_read_by_gather_with_the_same_tokens():
+    """vLLM's AMX packing is not a strided view of the block: the layout then gathers element by element. The same
+    tokens stored under a shuffled packing read back exactly as under the plain one (which takes the view path)."""
+    plain = _plain_layout()
+    assert plain._strides is not None
+    shuffle = torch.randperm(NUM_KV_HEADS * BLOCK * 2 * DIM, generator=torch.Generator().manual_seed(5))
+    shuffled = StockBlockLayout(key_index=shuffle[plain.key_index], value_index=shuffle[plain.value_index])
+    assert shuffled._strides is None
+    cache = torch.randn(NUM_BLOCKS, NUM_KV_HEADS, BLOCK, 2 * DIM).bfloat16()
+    packed = torch.empty_like(cache).view(NUM_BLOCKS, -1)
+    packed[:, shuffle] = cache.view(NUM_BLOCKS, -1)  # element e of the plain block lands at shuffle[e]
+    blocks = torch.tensor([7, 2, 19])
+    for want, got in zip(plain.read(cache, blocks), shuffled.read(packed.view_as(cache), blocks)):
+        assert torch.equal(want, got)

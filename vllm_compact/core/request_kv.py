@@ -113,7 +113,8 @@ class CompactedDecodeBatch:
                ) -> tuple[Tensor, int]:
         """query [B, Hq, D] (model dtype) -> ([B, Hq, D] in the model dtype, bytes of the layer's buffers)."""
         batch, num_heads, head_dim = query.shape
-        entries = page_view(kv_cache).flatten(0, 1)[self.slots[layer]]  # [B, Hkv, E, 2, D]
+        slots = self.slots[layer]
+        entries = page_view(kv_cache).flatten(0, 1).index_select(0, slots.view(-1)).view(*slots.shape, 2, -1)
         num_kv_heads = entries.shape[1]
         tail_keys, tail_values = layout.read(kv_cache, self.tail_block_ids)  # [Hkv, B * S, D]
         tail_shape = (num_kv_heads, batch, self.tail_tokens, head_dim)
