@@ -138,3 +138,24 @@ def test_compaction_by_length_waits_until_free_pages_fall_below_the_watermark():
     assert len(_planner().plan(request, free_pages=100, under_pressure=True, free_share=0.9)) == 1
     always = [(RequestLengths("a", 1000, 1000), _cfg(pool_watermark=1.0))]
     assert len(_planner().plan(always, free_pages=100, under_pressure=False, free_share=0.99)) == 1
+
+
+def test_budgets_are_sized_once_per_distinct_request(monkeypatch):
+    """The scheduler sizes a candidate plan for every running request at every pressure step; the same inputs come
+    back step after step and must not be water-filled again, and the memoised answer is the computed one."""
+    from vllm_compact.core.budgets import HeadBudgetPolicy
+    from vllm_compact.head_table import shipped_tables
+
+    policy = HeadBudgetPolicy(30, 3, 10.0, str(shipped_tables()["smollm2-135m"]))
+    fresh = HeadBudgetPolicy(30, 3, 10.0, str(shipped_tables()["smollm2-135m"]))
+    calls = []
+    original = policy._budgets
+    monkeypatch.setattr(policy, "_budgets", lambda *args: calls.append(args) or original(*args))
+    first = policy.budgets(3840, 3840, None)
+    for _ in range(5):
+        assert policy.budgets(3840, 3840, None) == first
+    recompacted = policy.budgets(4200, 360, first)
+    assert len(calls) == 2
+    assert first == fresh._budgets(3840, 3840, None, None)
+    assert recompacted == fresh._budgets(4200, 360, first, None)
+    assert policy.budgets(3840, 3840, None, ratio=20.0) != first and len(calls) == 3

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from vllm_compact.benchmarks.results import ResultsFile, command_line
+from vllm_compact.benchmarks.results import MachinePaths, ResultsFile, command_line
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -790,7 +790,7 @@ def execute(run: Run, args: argparse.Namespace, per_token: int) -> dict:
         stats = idle_compaction_stats(base_url) if run.server == "compaction" else None
         if stats is not None:
             run.log_path.with_name(run.log_path.name.replace(".server.log", ".stats.json")).write_text(
-                json.dumps(stats, indent=1) + "\n")
+                MachinePaths.here().scrub(json.dumps(stats, indent=1)) + "\n")
         if run.server == "compaction":
             figures = compaction_figures(stats, sampler.peak_outside)
         else:

@@ -8,6 +8,7 @@ from vllm_compact.core.compact_pages import pages_for
 from vllm_compact.head_table import UNIFORM, check_table_shape, read_head_table
 
 Budgets = tuple[tuple[int, ...], ...]  # [num_layers][num_kv_heads]
+_MEMO_ENTRIES = 4096  # distinct budget requests remembered (a few hundred bytes each)
 
 
 def load_head_table(path: str, num_layers: int, num_kv_heads: int) -> torch.Tensor:
@@ -35,14 +36,28 @@ class HeadBudgetPolicy:
         self.table = load_head_table(table_path, num_layers, num_kv_heads) if use_table else None
         rows = self.table.sum(1) if self.table is not None else None
         self.per_layer = rows is not None and bool(torch.allclose(rows, rows[0].expand_as(rows), rtol=1e-6, atol=0))
+        self._memo: dict[tuple, Budgets] = {}
 
     def budgets(
         self, span_tokens: int, new_tokens: int, old_lens: Budgets | None, ratio: float | None = None
     ) -> Budgets:
         """Entries per head for a segment standing for `span_tokens` logical tokens.
 
-        A head can keep at most the keys it is given: its old compact entries plus the new tokens.
+        A head can keep at most the keys it is given: its old compact entries plus the new tokens. Memoised: under
+        memory pressure the scheduler sizes a candidate plan for every running request at every step, and the
+        same (span, new tokens, old budgets, ratio) come back step after step (spans move by whole pages).
         """
+        key = (span_tokens, new_tokens, old_lens, ratio or self.ratio)
+        cached = self._memo.get(key)
+        if cached is None:
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            cached = self._memo[key] = self._budgets(span_tokens, new_tokens, old_lens, ratio)
+        return cached
+
+    def _budgets(
+        self, span_tokens: int, new_tokens: int, old_lens: Budgets | None, ratio: float | None
+    ) -> Budgets:
         shape = (self.num_layers, self.num_kv_heads)
         available = torch.full(shape, new_tokens, dtype=torch.int64)
         if old_lens is not None:
