@@ -12,7 +12,7 @@ import torch
 import vllm_compact.core.compactor as compactor_module
 from tests.core.test_compactor_step_order import HELD, KV_HEADS, LAYERS, PRESSURE_STEP, WITH_QUERIES, _compactor, _segment
 from vllm_compact.core.plan import CompactionStep
-from vllm_compact.core.workspace import SOLVE_FIXED_BYTES, MiB, head_solve_bytes, heads_that_fit
+from vllm_compact.core.workspace import SOLVE_FIXED_BYTES, MiB, head_solve_bytes
 
 # A fresh interpreter samples its resident memory during one served-default AM solve of 12 heads (bf16, the
 # 4-layers-per-step shape at 3000 tokens, 10x): what the step really allocates, allocator included.
@@ -57,12 +57,6 @@ def test_the_estimate_covers_a_real_solve_without_inflating_it():
     used = measured["grown"] + measured["batch"]
     estimate = SOLVE_FIXED_BYTES + 12 * head_solve_bytes(3000, 768, 300, 64, dtype_bytes=2)
     assert used <= estimate <= 4 * used, (used / MiB, estimate / MiB)
-
-
-def test_heads_that_fit_takes_at_least_one_and_stops_at_the_limit():
-    assert heads_that_fit([10 * MiB] * 5, 16 * MiB) == 1
-    assert heads_that_fit([1 * MiB] * 5, 16 * MiB) == 5
-    assert heads_that_fit([100 * MiB], 16 * MiB) == 1  # one head alone may exceed it
 
 
 def test_solves_stay_within_the_workspace_and_segments_do_not_change(monkeypatch):

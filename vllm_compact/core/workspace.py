@@ -22,14 +22,3 @@ def head_solve_bytes(keys: int, queries: int, budget: int, head_dim: int, dtype_
     query_bytes = queries * head_dim * (dtype_bytes + 2 * _FP32)
     fit_bytes = queries * budget * 6 * _FP32 + budget * budget * 3 * _FP32
     return key_bytes + query_bytes + fit_bytes
-
-
-def heads_that_fit(head_bytes: list[int], limit_bytes: int) -> int:
-    """How many of these heads, in order, one solve may take within `limit_bytes` (at least one)."""
-    total, count = SOLVE_FIXED_BYTES, 0
-    for nbytes in head_bytes:
-        total += nbytes
-        if total > limit_bytes and count > 0:
-            break
-        count += 1
-    return count
