@@ -75,7 +75,7 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         info = CompactionAttentionInfo(query_start_loc=qsl, compacted=[], captures=[])
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].tolist()
         block_table = common_attn_metadata.block_table_tensor
-        plain_rows, decode_rows, decode_views = [], [], []
+        plain_rows, decode_views = [], []
         for row, req_id in enumerate(req_ids):
             record = state.requests.get(req_id) or state.record(req_id)
             if record.captures:
@@ -98,7 +98,6 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 segment=segment,
             )
             if view.query_len == 1:
-                decode_rows.append(row)
                 decode_views.append((view, record))
             else:
                 info.compacted.append(view)
@@ -107,7 +106,7 @@ class CompactionCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 [state.decode_index(record) for _, record in decode_views],
                 [view.tail_block_ids for view, _ in decode_views], [view.tail_len for view, _ in decode_views],
                 self.block_size)
-            info.decode_token_index = torch.tensor([qsl[row] for row in decode_rows])
+            info.decode_token_index = torch.tensor([view.query_start for view, _ in decode_views])
         if (info.compacted or decode_views) and plain_rows:
             info.plain_token_index, info.plain_metadata = self._plain_subset(meta, plain_rows, qsl, seq_lens)
         if info.compacted or decode_views or info.captures:
